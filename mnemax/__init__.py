@@ -1,0 +1,1 @@
+"""mnemax: pretraining efficient LLMs in JAX."""

@@ -1,0 +1,128 @@
+"""The `mnemax` command line: train, eval, show, data prepare, recipes.
+
+This is a public interface that scripts depend on; change it only compatibly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from mnemax.errors import MnemaxError
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="built-in recipe name (see `mnemax recipes`) or a .py file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set model.num_layers=4 "
+                             "--set strategy.mesh=data:2,fsdp:4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnemax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a recipe (resumes from the run dir's newest "
+                                         "checkpoint)")
+    _add_recipe_args(train)
+    train.add_argument("--run-dir", default=None,
+                       help="where metrics, checkpoints and the resolved recipe go "
+                            "(default: runs/RECIPE)")
+
+    evaluate = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
+    _add_recipe_args(evaluate)
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--batches", type=int, default=None,
+                          help="validation batches (default: the recipe's eval.batches)")
+
+    show = sub.add_parser("show", help="resolved recipe, parameter count, FLOPs/token, memory")
+    _add_recipe_args(show)
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="tokenize text files into token shards")
+    prepare.add_argument("--input", required=True, help="glob of text files, e.g. 'corpus/**/*.txt'")
+    prepare.add_argument("--tokenizer", default="bytes", help="bytes, or a path to tokenizer.json")
+    prepare.add_argument("--seq-len", type=int, required=True)
+    prepare.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    prepare.add_argument("--val-percent", type=float, default=2.0,
+                         help="percent of files held out for validation")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mnemax.launch.distributed import maybe_initialize
+    from mnemax.recipes.registry import load_recipe
+    from mnemax.trainer.loop import train
+
+    maybe_initialize()
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = args.run_dir or os.path.join("runs", recipe.name)
+    result = train(recipe, run_dir)
+    return {"completed": 0, "nothing_to_do": 0, "interrupted": 0}.get(result.status, 1)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mnemax.recipes.registry import load_recipe
+    from mnemax.trainer.loop import evaluate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = evaluate(recipe, args.run_dir, batches=args.batches)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from mnemax.recipes.registry import load_recipe
+    from mnemax.recipes.summary import print_summary, summarize
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = summarize(recipe)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def _cmd_recipes(_args: argparse.Namespace) -> int:
+    from mnemax.recipes.registry import builtin_names
+
+    print("\n".join(builtin_names()))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from mnemax.trainer.data import prepare
+
+    meta = prepare(args.input, args.tokenizer, args.seq_len, args.out,
+                   val_percent=args.val_percent)
+    splits = meta.get("splits", {})
+    for name, split in splits.items():
+        print(f"{name}: {split.get('num_rows')} rows, {split.get('num_tokens')} tokens")
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show,
+            "recipes": _cmd_recipes, "data": _cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MnemaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

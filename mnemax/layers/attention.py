@@ -1,0 +1,67 @@
+"""Causal grouped-query attention (Ainslie et al., "GQA", 2023) with RoPE.
+
+The score/softmax/value product goes through `jax.nn.dot_product_attention`, which picks cuDNN
+flash attention on GPU when the shapes allow and XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+
+from mnemax.layers import axes
+from mnemax.layers.rope import apply_rope
+
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head causal self-attention with `num_kv_heads` shared key/value heads.
+
+    Input `[batch, time, embed]` -> output `[batch, time, embed]`.
+    Parameters: `q: [embed, heads, head_dim]`, `k`, `v: [embed, kv_heads, head_dim]`,
+    `o: [heads, head_dim, embed]`.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    impl: AttentionImpl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        embed = x.shape[-1]
+
+        def proj(name: str, heads: int, heads_axis: str) -> jax.Array:
+            kernel = self.param(
+                name,
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(self.init_std), (axes.EMBED, heads_axis, axes.HEAD_DIM)
+                ),
+                (embed, heads, self.head_dim),
+            )
+            return jax.numpy.einsum("bte,ehd->bthd", x, kernel.astype(x.dtype))
+
+        q = proj("q", self.num_heads, axes.HEADS)
+        k = proj("k", self.num_kv_heads, axes.KV_HEADS)
+        v = proj("v", self.num_kv_heads, axes.KV_HEADS)
+        q = nn.with_logical_constraint(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+        k = nn.with_logical_constraint(k, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))
+        v = nn.with_logical_constraint(v, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        impl = None if self.impl == "auto" else self.impl
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        o_kernel = self.param(
+            "o",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(self.out_init_std), (axes.HEADS, axes.HEAD_DIM, axes.EMBED)
+            ),
+            (self.num_heads, self.head_dim, embed),
+        )
+        return jax.numpy.einsum("bthd,hde->bte", out, o_kernel.astype(x.dtype))

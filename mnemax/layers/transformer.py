@@ -1,0 +1,192 @@
+"""A Llama-style decoder-only transformer (Touvron et al., "LLaMA", 2023).
+
+Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU ->
+residual), stacked with `nn.scan` over a `layers` axis so compile time is flat in depth, each
+block optionally wrapped in `nn.remat` with a policy the parallel strategy chooses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnemax.layers import axes
+from mnemax.layers.attention import GroupedQueryAttention
+from mnemax.layers.mlp import SwiGLU, swiglu_hidden_dim
+from mnemax.layers.norms import RMSNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and options of a dense decoder-only transformer."""
+
+    vocab_size: int = 320  # output classes; must be >= the tokenizer's vocabulary
+    num_layers: int = 4  # decoder blocks
+    d_model: int = 256  # residual stream width
+    num_heads: int = 4  # query heads
+    num_kv_heads: int | None = None  # key/value heads (GQA); None = num_heads
+    head_dim: int | None = None  # per-head width; None = d_model // num_heads
+    mlp_dim: int | None = None  # SwiGLU hidden width; None = Llama's 8/3 * d_model rounded to 256
+    rope_theta: float = 10_000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # reuse the input embedding as the output projection
+    init_std: float = 0.02  # std of weight init; output projections get init_std / sqrt(2 L)
+    attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention backend)
+    scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim or swiglu_hidden_dim(self.d_model)
+
+    def validate(self) -> None:
+        """Raises ValueError naming a field whose value cannot build a model."""
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not a multiple of "
+                f"model.num_kv_heads={self.kv_heads}: each key/value head serves a whole group "
+                "of query heads"
+            )
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                f"{self.num_heads}: set model.head_dim explicitly or change one of them"
+            )
+        if self.dim_per_head % 2:
+            raise ValueError(f"head dim {self.dim_per_head} must be even for RoPE")
+
+    def build(self, *, remat: bool = False, remat_policy: Callable | None = None) -> Transformer:
+        """The flax module; `remat`/`remat_policy` come from the parallel strategy."""
+        self.validate()
+        return Transformer(self, remat=remat, remat_policy=remat_policy)
+
+    def param_count(self) -> int:
+        """Exact number of parameters."""
+        d, L = self.d_model, self.num_layers
+        attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
+        mlp = 3 * d * self.hidden_dim
+        per_block = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return L * per_block + embed + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), causal attention.
+
+        6 * (matmul parameters, output projection included) + 6 * L * seq_len * heads * head_dim
+        (QK^T and AV over the causal half of the sequence, as in the PaLM/Chinchilla count).
+        """
+        d, L = self.d_model, self.num_layers
+        attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
+        matmul_params = L * (attn + 3 * d * self.hidden_dim) + self.vocab_size * d
+        attention = L * seq_len * self.num_heads * self.dim_per_head  # 2 matmuls x 2 FLOPs / 2 causal
+        return 6.0 * matmul_params + 6.0 * attention
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention + SwiGLU block: `[batch, time, embed] -> ([batch, time, embed], aux)`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        cfg = self.config
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
+        x = x + GroupedQueryAttention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.kv_heads,
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_theta,
+            init_std=cfg.init_std,
+            out_init_std=out_std,
+            impl=cfg.attention_impl,
+            name="attn",
+        )(h, positions)
+        h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
+        x = x + SwiGLU(cfg.hidden_dim, cfg.init_std, out_std, name="mlp")(h)
+        x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        return x, {}
+
+
+class _ScanBody(nn.Module):
+    """Adapts a block to `nn.scan`'s (carry, broadcast) -> (carry, per-layer output) form."""
+
+    config: TransformerConfig
+    block: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        return self.block(self.config, name="block")(x, positions)
+
+
+class Transformer(nn.Module):
+    """Tokens `[batch, time]` int32 -> (logits `[batch, time, vocab]` fp32, aux dict).
+
+    The compute dtype is the dtype of the parameters passed to `apply` (the trainer casts fp32
+    master weights to bf16 for mixed precision); logits are always accumulated in fp32.
+    `aux` sums each block's named scalars over layers (empty for a dense model).
+    """
+
+    config: TransformerConfig
+    remat: bool = False
+    remat_policy: Callable | None = None
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.config
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                         (axes.VOCAB, axes.EMBED)),
+            (cfg.vocab_size, cfg.d_model),
+        )
+        x = jnp.take(embedding, tokens, axis=0)
+        x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+
+        block = DecoderBlock
+        if self.remat:
+            block = nn.remat(block, policy=self.remat_policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                _ScanBody,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )
+            x, layer_aux = stack(cfg, block, name="layers")(x, positions)
+            aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), layer_aux)
+        else:
+            aux = {}
+            for i in range(cfg.num_layers):
+                x, block_aux = block(cfg, name=f"layer_{i}")(x, positions)
+                aux = block_aux if not aux else jax.tree.map(jnp.add, aux, block_aux)
+
+        x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            unembed = embedding.T
+        else:
+            unembed = self.param(
+                "unembed",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                             (axes.EMBED, axes.VOCAB)),
+                (cfg.d_model, cfg.vocab_size),
+            )
+        logits = jnp.einsum("bte,ev->btv", x, unembed.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+        return logits, aux

@@ -1,0 +1,77 @@
+"""Sharding trees for the train state, derived from the logical axis names of parameters."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnemax.errors import ConfigError
+from mnemax.parallel.mesh import data_parallel_size
+from mnemax.parallel.rules import LogicalRules
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
+    """`NamedSharding` for every leaf of a tree whose leaves may be `nn.LogicallyPartitioned`.
+
+    Unannotated leaves (optimizer step counters, scalars) are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_tree: Any, shardings: Any, what: str = "state") -> None:
+    """Raises ConfigError naming the first leaf whose dimension the mesh axes do not divide."""
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+    sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
+        spec = sharding.spec
+        for dim, mesh_axes in enumerate(spec):
+            if mesh_axes is None:
+                continue
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            ways = math.prod(sharding.mesh.shape[a] for a in names)
+            if leaf.shape[dim] % ways:
+                raise ConfigError(
+                    f"{what} {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: dimension "
+                    f"{dim} of size {leaf.shape[dim]} is not divisible by {ways} (mesh axes "
+                    f"{'x'.join(names)}). Change the model size so that {leaf.shape[dim]} is a "
+                    f"multiple of {ways}, or change strategy.mesh / strategy.zero_stage"
+                )
+
+
+def check_batch(global_batch: int, grad_accum: int, mesh: Mesh) -> None:
+    """The global batch must split into `grad_accum` micro-batches that the data axes divide."""
+    if global_batch % grad_accum:
+        raise ConfigError(
+            f"data.global_batch={global_batch} is not divisible by run.grad_accum={grad_accum}; "
+            "pick a global batch that is a multiple of the number of micro-batches"
+        )
+    micro = global_batch // grad_accum
+    ways = data_parallel_size(mesh)
+    if micro % ways:
+        raise ConfigError(
+            f"micro-batch of {micro} sequences (data.global_batch={global_batch} / run.grad_accum="
+            f"{grad_accum}) is not divisible by the {ways} data-parallel devices (mesh data="
+            f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a batch that is a multiple "
+            f"of {ways * grad_accum} or a different strategy.mesh"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches `[batch, ...]` are split over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+    """Bytes one device holds for `abstract_tree` laid out by `shardings` (the largest shard)."""
+    total = 0
+    sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), sharding_leaves, strict=True):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total

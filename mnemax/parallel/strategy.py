@@ -1,0 +1,86 @@
+"""The parallel strategy a recipe chooses: mesh shape, ZeRO stage, activation remat."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from mnemax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq")
+ZERO_STAGES = (0, 3)  # stages 1 and 2 come with the ZeRO issue
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How a model is laid out over devices. Nothing outside `mnemax.parallel` reads it."""
+
+    mesh: str = "data:-1"  # "axis:size,..." over data|fsdp|tensor|expert|seq; -1 = remaining devices
+    zero_stage: int = 0  # 0 replicates params/grads/optimizer state; 3 shards all three over fsdp
+    remat: str = "none"  # activation rematerialisation: none | full | dots_saveable | ...
+
+    def __post_init__(self) -> None:
+        parse_mesh(self.mesh)
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(
+                f"strategy.zero_stage={self.zero_stage} is not available: supported stages are "
+                f"{', '.join(map(str, ZERO_STAGES))} (0 = replicated, 3 = FSDP over the fsdp axis)"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(
+                f"strategy.remat={self.remat!r} is not a known policy; choose one of "
+                f"{', '.join(REMAT_POLICIES)}"
+            )
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`"data:2,fsdp:4"` -> `{"data": 2, "fsdp": 4}` (sizes may be -1 once)."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, size = part.partition(":")
+        if not sep or name not in MESH_AXES:
+            raise ConfigError(
+                f"strategy.mesh={spec!r}: {part!r} is not 'axis:size' with axis in "
+                f"{'|'.join(MESH_AXES)} (example: data:2,fsdp:4; -1 = all remaining devices)"
+            )
+        try:
+            value = int(size)
+        except ValueError:
+            raise ConfigError(f"strategy.mesh={spec!r}: size {size!r} of axis {name!r} is not an "
+                              "integer") from None
+        if value == 0 or value < -1:
+            raise ConfigError(f"strategy.mesh={spec!r}: axis {name!r} has size {value}; sizes "
+                              "are positive, or -1 for all remaining devices")
+        if name in sizes:
+            raise ConfigError(f"strategy.mesh={spec!r} names axis {name!r} twice")
+        sizes[name] = value
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"strategy.mesh={spec!r}: at most one axis may have size -1")
+    for name in ("tensor", "expert", "seq"):
+        if sizes.get(name, 1) not in (1,):
+            raise ConfigError(
+                f"strategy.mesh={spec!r}: the {name!r} axis is not supported yet (tensor, expert "
+                "and sequence parallelism arrive with later issues); use data and fsdp"
+            )
+    return sizes
+
+
+def resolve_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
+    """Sizes of all `MESH_AXES` for `num_devices` devices; -1 absorbs what is left."""
+    sizes = parse_mesh(spec)
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if num_devices % known:
+            raise ConfigError(
+                f"strategy.mesh={spec!r}: the fixed axes use {known} devices, which does not "
+                f"divide the {num_devices} devices present; pick sizes whose product divides "
+                f"{num_devices}"
+            )
+        sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+    elif known != num_devices:
+        raise ConfigError(
+            f"strategy.mesh={spec!r} needs {known} devices but {num_devices} are present; "
+            "change the sizes or use -1 on one axis to take the remaining devices"
+        )
+    return {name: sizes.get(name, 1) for name in MESH_AXES}

@@ -1,0 +1,105 @@
+"""Checkpoints with orbax: train state, data-iterator state and the resolved recipe, per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mnemax.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    every: int = 100  # steps between checkpoints; 0 = only at the end of the run and on SIGTERM
+    keep: int = 3  # newest checkpoints kept on disk
+    async_save: bool = True  # write in a background thread while training continues
+    resume: bool = True  # resume from the newest checkpoint in the run directory
+
+
+class Checkpointer:
+    """Saves and restores `{"state", "data", "recipe"}` under `directory/<step>/`."""
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep,
+            enable_async_checkpointing=config.async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "recipe"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, recipe: dict) -> None:
+        """Starts writing checkpoint `step` (asynchronously when so configured)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                recipe=ocp.args.JsonSave(recipe),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Reads checkpoint `step` into the layout of `abstract_state`.
+
+        `abstract_state` holds `jax.ShapeDtypeStruct`s with shardings, so arrays land directly
+        in the current strategy's layout (which may differ from the one that wrote them).
+        """
+        path = self.directory / str(step)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    recipe=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            reason = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({type(err).__name__}: {reason}). It is "
+                f"damaged or was written by a different model. Delete {path} to resume from the "
+                "previous checkpoint, or start in a new --run-dir, or set checkpoint.resume=false "
+                "to start over in this directory"
+            ) from err
+        return restored.state, restored.data, restored.recipe
+
+    def saved_recipe(self, step: int) -> dict | None:
+        """The recipe stored with checkpoint `step`, read without touching the arrays."""
+        path = self.directory / str(step) / "recipe" / "metadata"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """`ShapeDtypeStruct`s carrying the target shardings, for restore."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

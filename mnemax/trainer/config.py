@@ -1,0 +1,27 @@
+"""Trainer-loop settings of a recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The length and numerics of a run, and how it reports."""
+
+    steps: int = 300  # total optimizer steps; a resumed run continues until this step
+    grad_accum: int = 1  # micro-batches per step (gradient accumulation inside the step)
+    compute_dtype: str = "bfloat16"  # activations/matmul dtype; params and optimizer stay fp32
+    z_loss_weight: float = 1e-4  # weight of the (log Z)^2 auxiliary loss on the output logits
+    nan_policy: str = "halt"  # non-finite loss: halt (stop, keep last good checkpoint) | skip
+    log_every: int = 10  # steps between metric lines / JSONL records
+    seed: int = 0  # parameter init seed
+    peak_flops_per_device: float | None = None  # for MFU; None = look up the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic validation."""
+
+    every: int = 100  # steps between evaluations; 0 disables periodic eval
+    batches: int = 4  # validation batches per evaluation (same shape as training batches)

@@ -1,0 +1,237 @@
+"""The training loop: data -> jitted step -> metrics, eval, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from rich.console import Console
+
+from mnemax.errors import CheckpointError, ConfigError, MnemaxError
+from mnemax.recipes.schema import Recipe, recipe_to_dict
+from mnemax.trainer.checkpoint import Checkpointer, abstract_with_shardings
+from mnemax.trainer.data import eval_batches, open_dataset, train_iterator
+from mnemax.trainer.hardware import peak_flops_per_device, peak_memory_bytes
+from mnemax.trainer.metrics import MetricsWriter, format_train_line
+from mnemax.trainer.setup import TrainProgram, build_program
+
+
+@dataclass
+class TrainResult:
+    """How a call to `train` ended."""
+
+    final_step: int
+    status: str  # completed | interrupted | halted_nonfinite | nothing_to_do
+    last_checkpoint: int | None
+
+
+class _StopSignal:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_vocab(recipe: Recipe) -> None:
+    """The model must have an output class for every token id the data can contain."""
+    vocab = open_dataset(recipe.data, "train").vocab_size
+    if recipe.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size={recipe.model.vocab_size} is smaller than the data's vocabulary "
+            f"of {vocab} tokens ({recipe.data.source}); set model.vocab_size>={vocab}"
+        )
+
+
+def evaluate_params(program: TrainProgram, params: Any, batches: list[np.ndarray]) -> dict:
+    """Mean validation cross entropy and perplexity over `batches`."""
+    losses = [program.eval_step(params, program.global_batch(b)) for b in batches]
+    loss = float(np.mean([float(x) for x in losses]))
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _model_section(recipe_dict: dict) -> dict:
+    return recipe_dict.get("model", {})
+
+
+def _restore(program: TrainProgram, ckpt: Checkpointer, step: int, recipe: Recipe):
+    saved = ckpt.saved_recipe(step)
+    if saved is not None and _model_section(saved) != _model_section(recipe_to_dict(recipe)):
+        current = _model_section(recipe_to_dict(recipe))
+        diff = {k: (saved["model"].get(k), v) for k, v in current.items()
+                if saved["model"].get(k) != v}
+        changes = ", ".join(f"model.{k}: checkpoint {a!r} vs recipe {b!r}"
+                            for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {ckpt.directory} was written by a different model "
+            f"({changes}). Use a new --run-dir for the new model, or set the recipe back"
+        )
+    target = abstract_with_shardings(program.abstract_state, program.state_shardings)
+    return ckpt.restore(step, target)
+
+
+def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None,
+          devices: list[jax.Device] | None = None) -> TrainResult:
+    """Runs `recipe` until `recipe.run.steps`, resuming from the newest checkpoint in `run_dir`."""
+    console = console or Console(highlight=False)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_dict = recipe_to_dict(recipe)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe_dict, indent=2) + "\n")
+
+    check_vocab(recipe)
+    program = build_program(recipe, devices)
+    run = recipe.run
+    data = train_iterator(recipe.data, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    val_batches = (eval_batches(recipe.data, recipe.eval.batches,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+                   if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
+    ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
+    writer = MetricsWriter(run_dir, console, tensorboard=jax.process_index() == 0)
+
+    latest = ckpt.latest_step() if recipe.checkpoint.resume else None
+    if latest is not None:
+        state, data_state, _ = _restore(program, ckpt, latest, recipe)
+        data.set_state(data_state)
+        writer.truncate_after(latest)
+        console.print(f"resumed from checkpoint {ckpt.directory / str(latest)} (step {latest})")
+    else:
+        state = program.init(jax.random.key(run.seed))
+    start = int(state.step)
+    last_saved = latest
+
+    tokens_per_step = recipe.data.global_batch * recipe.data.seq_len
+    flops_per_step = recipe.model.flops_per_token(recipe.data.seq_len) * tokens_per_step
+    peak = run.peak_flops_per_device or peak_flops_per_device()
+    peak_total = peak * program.mesh.size
+    console.print(
+        f"[bold]{recipe.name}[/bold]: {program.param_count:,} params, "
+        f"{recipe.model.flops_per_token(recipe.data.seq_len) / 1e6:.1f} MFLOPs/token, "
+        f"mesh {dict(program.mesh.shape)}, ZeRO {recipe.strategy.zero_stage}, "
+        f"steps {start}->{run.steps}, run dir {run_dir}"
+    )
+    if start >= run.steps:
+        console.print(f"already at step {start} >= run.steps={run.steps}: nothing to do")
+        ckpt.close()
+        writer.close()
+        return TrainResult(start, "nothing_to_do", last_saved)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if last_saved == step:
+            return
+        ckpt.save(step, state, data.get_state(), recipe_dict)
+        last_saved = step
+
+    pending: list[tuple[int, dict]] = []  # steps dispatched but not yet read back
+    status = "completed"
+    step = start
+    interval_start, interval_steps = None, 0
+    with _StopSignal() as stop:
+        while step < run.steps:
+            batch = program.global_batch(next(data))
+            state, metrics = program.train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            if interval_start is None:  # the first step includes compilation: time from after it
+                jax.block_until_ready(metrics)
+                interval_start, interval_steps = time.perf_counter(), 0
+                console.print(f"first step (compile included) done at step {step}")
+            else:
+                interval_steps += 1
+
+            boundary = (step % run.log_every == 0 or step == run.steps
+                        or (recipe.checkpoint.every and step % recipe.checkpoint.every == 0)
+                        or (recipe.eval.every and step % recipe.eval.every == 0)
+                        or stop.received is not None)
+            if not boundary:
+                continue
+            host = [(s, jax.device_get(m)) for s, m in pending]
+            pending.clear()
+            bad = [s for s, m in host if not math.isfinite(float(m["loss"]))
+                   or not math.isfinite(float(m["grad_norm"]))]
+            if bad and run.nan_policy == "halt":
+                console.print(
+                    f"[red]non-finite loss or gradient at step {bad[0]}: halting.[/red] Last good "
+                    f"checkpoint: {last_saved if last_saved is not None else 'none'} in "
+                    f"{ckpt.directory}. Lower optimizer.learning_rate or set run.nan_policy=skip."
+                )
+                status = "halted_nonfinite"
+                break
+            elapsed = time.perf_counter() - interval_start
+            for s, m in host:
+                if s % run.log_every and s != run.steps:
+                    continue
+                record = {"step": s, **{k: float(v) for k, v in m.items()}}
+                if interval_steps > 0 and s == host[-1][0]:
+                    step_time = elapsed / interval_steps
+                    record["step_time_s"] = step_time
+                    record["tokens_per_sec"] = tokens_per_step / step_time
+                    record["mfu"] = flops_per_step / step_time / peak_total
+                    peak_mem = peak_memory_bytes()
+                    if peak_mem is not None:
+                        record["peak_memory_gb"] = peak_mem / 1e9
+                if recipe.eval.every and s % recipe.eval.every == 0 and val_batches:
+                    record.update(evaluate_params(program, state.params, val_batches))
+                writer.write(record)
+                console.print(format_train_line(record, run.steps) + (
+                    f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+            interval_start, interval_steps = time.perf_counter(), 0
+
+            if stop.received is not None:
+                save(step)
+                ckpt.wait()
+                console.print(f"{stop.received} received: saved checkpoint at step {step} in "
+                              f"{ckpt.directory}; exiting")
+                status = "interrupted"
+                break
+            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+                save(step)
+
+    if status == "completed":
+        save(step)
+    ckpt.close()
+    writer.close()
+    if status == "completed":
+        console.print(f"done: step {step}, checkpoint {last_saved} in {ckpt.directory}")
+    return TrainResult(step, status, last_saved)
+
+
+def evaluate(recipe: Recipe, run_dir: str | Path, *, batches: int | None = None) -> dict:
+    """Validation loss of the newest checkpoint in `run_dir`."""
+    run_dir = Path(run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
+    step = ckpt.latest_step()
+    if step is None:
+        raise MnemaxError(f"no checkpoint in {run_dir / 'checkpoints'}: train first with "
+                          f"`mnemax train {recipe.name} --run-dir {run_dir}`")
+    program = build_program(recipe)
+    state, _, _ = _restore(program, ckpt, step, recipe)
+    ckpt.close()
+    val = eval_batches(recipe.data, batches or recipe.eval.batches,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    return {"step": step, **evaluate_params(program, state.params, val)}

@@ -1,0 +1,70 @@
+"""Optimizer and learning-rate schedule from the recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from mnemax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping."""
+
+    name: str = "adamw"  # only adamw for now
+    learning_rate: float = 3e-4  # peak learning rate, reached at the end of warmup
+    b1: float = 0.9  # first-moment decay
+    b2: float = 0.95  # second-moment decay
+    eps: float = 1e-8  # denominator epsilon
+    weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only (ndim >= 2)
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warmup, then a decay to `min_lr_ratio * learning_rate`."""
+
+    warmup_steps: int = 100  # steps of linear warmup from 0
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    decay_steps: int | None = None  # step at which the decay ends; None = run.steps
+
+
+def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the optimizer step."""
+    peak = opt.learning_rate
+    end = sched.decay_steps or total_steps
+    warmup = min(sched.warmup_steps, end)
+    decay_len = max(end - warmup, 1)
+    final = peak * sched.min_lr_ratio
+    if sched.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_len, alpha=sched.min_lr_ratio)
+    elif sched.decay == "linear":
+        decay = optax.linear_schedule(peak, final, decay_len)
+    elif sched.decay == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ConfigError(f"schedule.decay={sched.decay!r} is unknown; choose cosine, linear or "
+                          "constant")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW(schedule), weight decay on matrices only."""
+    if opt.name != "adamw":
+        raise ConfigError(f"optimizer.name={opt.name!r} is unknown; available: adamw")
+    parts = []
+    if opt.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(opt.clip_norm))
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                             weight_decay=opt.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)

@@ -1,0 +1,163 @@
+"""Turns a recipe into jitted, sharded init / train-step / eval-step functions.
+
+This is the one place where the model, the optimizer and the parallel strategy are put together;
+the loop, `mnemax show` and the benchmarks all start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnemax.errors import ConfigError
+from mnemax.parallel.mesh import make_mesh
+from mnemax.parallel.remat import remat_options
+from mnemax.parallel.rules import logical_axis_rules
+from mnemax.parallel.sharding import (
+    batch_sharding,
+    bytes_per_device,
+    check_batch,
+    check_divisible,
+    logical_shardings,
+)
+from mnemax.recipes.schema import Recipe
+from mnemax.trainer.optimizer import make_optimizer, make_schedule
+from mnemax.trainer.step import TrainState, make_eval_step, make_loss_fn, make_train_step
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NAN_POLICIES = ("halt", "skip")
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """Everything needed to run a recipe on a mesh."""
+
+    recipe: Recipe
+    mesh: Mesh
+    model: nn.Module
+    schedule: optax.Schedule
+    abstract_state: TrainState  # ShapeDtypeStructs, unboxed
+    state_shardings: TrainState  # NamedShardings, same structure
+    batch_sharding: NamedSharding
+    init: Callable[[jax.Array], TrainState]  # rng -> sharded state
+    train_step: Callable  # (state, batch) -> (state, metrics); donates state
+    eval_step: Callable  # (params, batch) -> mean cross entropy
+
+    @property
+    def param_count(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+    def memory_per_device(self) -> dict[str, int]:
+        """Bytes of params / grads / optimizer state one device holds under this strategy."""
+        params = self.abstract_state.params
+        return {
+            "params_bytes": bytes_per_device(params, self.state_shardings.params),
+            # Gradients are fp32 and laid out like the parameters at stages 0 and 3.
+            "grads_bytes": bytes_per_device(params, self.state_shardings.params),
+            "opt_state_bytes": bytes_per_device(self.abstract_state.opt_state,
+                                                self.state_shardings.opt_state),
+        }
+
+    def global_batch(self, local_batch: np.ndarray) -> jax.Array:
+        """This process's rows `[global_batch / processes, seq_len + 1]` -> a global array."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+
+
+def _validate_run(recipe: Recipe) -> None:
+    run = recipe.run
+    if run.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"run.compute_dtype={run.compute_dtype!r} is unknown; choose one of "
+                          f"{', '.join(COMPUTE_DTYPES)}")
+    if run.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"run.nan_policy={run.nan_policy!r} is unknown; choose halt or skip")
+    if run.grad_accum < 1:
+        raise ConfigError(f"run.grad_accum={run.grad_accum} must be >= 1")
+    if run.steps < 0:
+        raise ConfigError(f"run.steps={run.steps} must be >= 0")
+
+
+def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> TrainProgram:
+    """Builds mesh, shardings and jitted functions; validates shapes against the mesh first."""
+    _validate_run(recipe)
+    strategy = recipe.strategy
+    mesh = make_mesh(strategy, devices)
+    rules = logical_axis_rules(strategy)
+    check_batch(recipe.data.global_batch, recipe.run.grad_accum, mesh)
+    try:
+        model = recipe.model.build(**remat_options(strategy.remat))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    schedule = make_schedule(recipe.optimizer, recipe.schedule, recipe.run.steps)
+    tx = make_optimizer(recipe.optimizer, schedule)
+    sample = jnp.zeros((1, recipe.data.seq_len), jnp.int32)
+
+    def init_boxed_params(rng):
+        with nn.logical_axis_rules(rules):
+            return model.init(rng, sample)["params"]
+
+    boxed_params = jax.eval_shape(init_boxed_params, jax.random.key(0))
+    param_shardings = logical_shardings(boxed_params, mesh, rules)
+    abstract_params = nn.unbox(boxed_params)
+    check_divisible(abstract_params, param_shardings, what="parameter")
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(step=replicated, params=param_shardings,
+                                 opt_state=opt_shardings)
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+
+    def init(rng):
+        params = nn.unbox(init_boxed_params(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params))
+
+    loss_fn = make_loss_fn(model, COMPUTE_DTYPES[recipe.run.compute_dtype],
+                           recipe.run.z_loss_weight, rules)
+    batch_sh = batch_sharding(mesh)
+    micro_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    step_fn = make_train_step(loss_fn, tx, schedule, grad_accum=recipe.run.grad_accum,
+                              skip_nonfinite=recipe.run.nan_policy == "skip",
+                              micro_batch_sharding=micro_sh)
+
+    with jax.set_mesh(mesh):
+        jit_init = jax.jit(init, out_shardings=state_shardings)
+        jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        jit_eval = jax.jit(make_eval_step(loss_fn), in_shardings=(param_shardings, batch_sh),
+                           out_shardings=replicated)
+
+    return TrainProgram(
+        recipe=recipe, mesh=mesh, model=model, schedule=schedule,
+        abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sh,
+        init=_in_mesh(jit_init, mesh), train_step=_in_mesh(jit_step, mesh),
+        eval_step=_in_mesh(jit_eval, mesh),
+    )
+
+
+def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Calls (and so traces) `fn` with `mesh` set, which logical constraints need."""
+
+    def call(*args: Any):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    call.lower = lambda *args: _lower_in_mesh(fn, mesh, *args)  # type: ignore[attr-defined]
+    return call
+
+
+def _lower_in_mesh(fn: Any, mesh: Mesh, *args: Any):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)

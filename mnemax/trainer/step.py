@@ -1,0 +1,130 @@
+"""The train and eval step functions (pure; `setup.py` jits them with shardings).
+
+A model is any flax module whose `apply(params, tokens)` returns `(logits, aux)`. Entries of `aux`
+whose name starts with `loss/` are added to the objective (already weighted by the layer that made
+them); all other entries are logged as metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mnemax.trainer.loss import cross_entropy
+
+AUX_LOSS_PREFIX = "loss/"
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step reads and writes: the step counter, fp32 params and optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows `[batch, seq_len + 1]` -> inputs `[batch, seq_len]`, targets `[batch, seq_len]`."""
+    return batch[:, :-1], batch[:, 1:]
+
+
+def make_loss_fn(model: nn.Module, compute_dtype: jnp.dtype, z_loss_weight: float,
+                 rules: Any) -> Callable:
+    """`loss_fn(params, inputs, targets) -> (objective, metrics)` in mixed precision.
+
+    fp32 master params are cast to `compute_dtype` here, so gradients come back in fp32.
+    """
+
+    def loss_fn(params, inputs, targets):
+        compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        with nn.logical_axis_rules(rules):
+            logits, aux = model.apply({"params": compute_params}, inputs)
+        ce, z = cross_entropy(logits, targets)
+        objective = ce + z_loss_weight * z
+        metrics = {"loss": ce, "z_loss": z}
+        for name, value in aux.items():
+            value = jnp.asarray(value, jnp.float32)
+            if name.startswith(AUX_LOSS_PREFIX):
+                objective = objective + value
+            metrics[name] = value
+        return objective, metrics
+
+    return loss_fn
+
+
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum: int,
+    skip_nonfinite: bool,
+    micro_batch_sharding: Any = None,
+) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`.
+
+    `batch` is `[global_batch, seq_len + 1]` int32. With `grad_accum > 1` it is split into
+    micro-batches (row j of every device's slice goes to micro-batch j mod grad_accum, so no data
+    moves between devices) and gradients are summed in fp32 by a `lax.scan`.
+    With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the params and
+    optimizer state unchanged (the step counter still advances).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: jax.Array):
+        inputs, targets = split_batch(batch)
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, inputs, targets)
+        else:
+            def to_micro(x):
+                x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+                if micro_batch_sharding is not None:
+                    x = jax.lax.with_sharding_constraint(x, micro_batch_sharding)
+                return x
+
+            def accumulate(carry, micro):
+                grads_sum, metrics_sum = carry
+                (_, metrics), grads = grad_fn(state.params, *micro)
+                return (jax.tree.map(jnp.add, grads_sum, grads),
+                        jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            metrics_shape = jax.eval_shape(
+                lambda: grad_fn(state.params, inputs[:1], targets[:1])[0][1])
+            metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+            (grads, metrics), _ = jax.lax.scan(
+                accumulate, (zeros, metric_zeros), (to_micro(inputs), to_micro(targets)))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                (params, opt_state), (state.params, state.opt_state))
+            new_state = new_state.replace(params=kept[0], opt_state=kept[1])
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: Callable) -> Callable:
+    """`eval_step(params, batch) -> mean token cross entropy` of one batch."""
+
+    def eval_step(params, batch):
+        inputs, targets = split_batch(batch)
+        _, metrics = loss_fn(params, inputs, targets)
+        return metrics["loss"]
+
+    return eval_step

@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="tokenize text files into token shards")
-    prepare.add_argument("--input", required=True, help="glob of text files, e.g. 'corpus/**/*.txt'")
+    prepare.add_argument("--input", required=True,
+                         help="glob of text files, e.g. 'corpus/**/*.txt'")
     prepare.add_argument("--tokenizer", default="bytes", help="bytes, or a path to tokenizer.json")
     prepare.add_argument("--seq-len", type=int, required=True)
-    prepare.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    prepare.add_argument("--out", required=True,
+                         help="output directory (must not exist or be empty)")
     prepare.add_argument("--val-percent", type=float, default=2.0,
                          help="percent of files held out for validation")
     return parser

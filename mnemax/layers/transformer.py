@@ -90,7 +90,8 @@ class TransformerConfig:
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
         matmul_params = L * (attn + 3 * d * self.hidden_dim) + self.vocab_size * d
-        attention = L * seq_len * self.num_heads * self.dim_per_head  # 2 matmuls x 2 FLOPs / 2 causal
+        # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, halved by the causal mask.
+        attention = L * seq_len * self.num_heads * self.dim_per_head
         return 6.0 * matmul_params + 6.0 * attention
 
 
@@ -188,5 +189,6 @@ class Transformer(nn.Module):
             )
         logits = jnp.einsum("bte,ev->btv", x, unembed.astype(x.dtype),
                             preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+        logits = nn.with_logical_constraint(
+            logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
         return logits, aux

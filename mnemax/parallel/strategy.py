@@ -16,7 +16,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 class Strategy:
     """How a model is laid out over devices. Nothing outside `mnemax.parallel` reads it."""
 
-    mesh: str = "data:-1"  # "axis:size,..." over data|fsdp|tensor|expert|seq; -1 = remaining devices
+    mesh: str = "data:-1"  # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices
     zero_stage: int = 0  # 0 replicates params/grads/optimizer state; 3 shards all three over fsdp
     remat: str = "none"  # activation rematerialisation: none | full | dots_saveable | ...
 

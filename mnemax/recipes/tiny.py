@@ -1,7 +1,7 @@
 """tiny: a ~3.6M-parameter byte-level Llama that trains on the stdlib corpus on a laptop CPU.
 
-300 steps of 32 x 128 tokens take a few minutes on 2 cores and bring the loss from ~5.8 nats
-(uniform over 320 classes) to well under the ~3.3-nat byte unigram entropy of Python source.
+300 steps of 16 x 128 tokens take a few minutes on 2 cores and bring the loss from ~5.8 nats
+(uniform over 320 classes) to well under the 3.27-nat byte unigram entropy of the corpus.
 """
 
 from mnemax.layers.transformer import TransformerConfig
@@ -19,7 +19,7 @@ def recipe() -> Recipe:
         model=TransformerConfig(vocab_size=320, num_layers=4, d_model=256, num_heads=4,
                                 mlp_dim=768, tie_embeddings=False),
         strategy=Strategy(mesh="data:-1", zero_stage=0, remat="none"),
-        data=DataConfig(source="stdlib", seq_len=128, global_batch=32),
+        data=DataConfig(source="stdlib", seq_len=128, global_batch=16),
         optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.1, clip_norm=1.0),
         schedule=ScheduleConfig(warmup_steps=30, decay="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=100, keep=2),

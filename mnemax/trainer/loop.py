@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -41,10 +42,9 @@ class _StopSignal:
 
     def __enter__(self) -> _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # Outside the main thread signal() raises: signals then stay with the caller.
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread: signals stay with the caller
-                pass
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:

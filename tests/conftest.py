@@ -1,0 +1,31 @@
+"""Test set-up: 8 fake CPU devices and a private data cache, before JAX is imported."""
+
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("MNEMAX_CACHE", tempfile.mkdtemp(prefix="mnemax-test-cache-"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+from mnemax.recipes.registry import load_recipe
+
+# A model small enough that a step takes milliseconds on CPU; fp32 so that sharded and
+# unsharded runs agree to 1e-5.
+SMALL = (
+    "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.mlp_dim=128", "data.seq_len=32", "data.global_batch=16", "run.compute_dtype=float32",
+    "schedule.warmup_steps=2", "eval.every=0", "checkpoint.every=0", "run.log_every=1",
+)
+
+
+@pytest.fixture
+def small_recipe():
+    """`small_recipe(*overrides)`: the tiny recipe shrunk to a 2-layer, 64-wide model."""
+
+    def make(*overrides: str):
+        return load_recipe("tiny", [*SMALL, *overrides])
+
+    return make

@@ -9,6 +9,7 @@ from mnemax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq")
 ZERO_STAGES = (0, 3)  # stages 1 and 2 come with the ZeRO issue
+MEMORY_SHARDINGS = ("dim", "rows", "replicated")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -19,6 +20,7 @@ class Strategy:
     mesh: str = "data:-1"  # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices
     zero_stage: int = 0  # 0 replicates params/grads/optimizer state; 3 shards all three over fsdp
     remat: str = "none"  # activation rematerialisation: none | full | dots_saveable | ...
+    memory_sharding: str = "dim"  # memory value tables over data x fsdp: dim | rows | replicated
 
     def __post_init__(self) -> None:
         parse_mesh(self.mesh)
@@ -26,6 +28,12 @@ class Strategy:
             raise ConfigError(
                 f"strategy.zero_stage={self.zero_stage} is not available: supported stages are "
                 f"{', '.join(map(str, ZERO_STAGES))} (0 = replicated, 3 = FSDP over the fsdp axis)"
+            )
+        if self.memory_sharding not in MEMORY_SHARDINGS:
+            raise ConfigError(
+                f"strategy.memory_sharding={self.memory_sharding!r} is unknown; choose dim "
+                "(each device holds a column slice of every row, as Memory+ does), rows or "
+                "replicated"
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(

@@ -21,6 +21,9 @@ class OptimizerConfig:
     eps: float = 1e-8  # denominator epsilon
     weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only (ndim >= 2)
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables clipping
+    # Sparsely updated tables (memory values): their own learning rate and no weight decay.
+    sparse_params: tuple[str, ...] = ("values", "memory_values", "expert_down")  # param names
+    sparse_learning_rate: float | None = None  # peak lr of sparse_params; None = learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +61,28 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _param_groups(opt: OptimizerConfig):
+    """Labels each parameter `sparse` (its name is in `opt.sparse_params`) or `dense`."""
+
+    def label(path, _leaf):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", None))
+        return "sparse" if name in opt.sparse_params else "dense"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule), weight decay on matrices only."""
+    """clip(global norm) -> AdamW(schedule) with weight decay on matrices only; parameters named
+    in `opt.sparse_params` get Adam without weight decay at `sparse_learning_rate` (same schedule
+    shape), as product-key memories are trained (Lample et al. 2019)."""
     if opt.name != "adamw":
         raise ConfigError(f"optimizer.name={opt.name!r} is unknown; available: adamw")
     parts = []
     if opt.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_norm))
-    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                             weight_decay=opt.weight_decay, mask=_decay_mask))
+    dense = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay, mask=_decay_mask)
+    ratio = (opt.sparse_learning_rate or opt.learning_rate) / opt.learning_rate
+    sparse = optax.adam(lambda step: schedule(step) * ratio, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    parts.append(optax.multi_transform({"dense": dense, "sparse": sparse}, _param_groups(opt)))
     return optax.chain(*parts)

@@ -71,6 +71,29 @@ class TrainProgram:
         return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
 
+def follow_param_shardings(opt_state: Any, params: Any, param_shardings: Any,
+                           default: NamedSharding) -> Any:
+    """Shardings for optimizer state: a leaf whose tree path ends with a parameter's path (Adam
+    moments, in any optax wrapper) and has its shape takes that parameter's sharding; anything
+    else (step counters) gets `default`."""
+    by_path = {}
+    flat_shardings = jax.tree.leaves(param_shardings,
+                                     is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
+                                      flat_shardings, strict=True):
+        by_path[tuple(path)] = (leaf.shape, sharding)
+    longest = max((len(p) for p in by_path), default=0)
+
+    def pick(path, leaf):
+        for start in range(max(len(path) - longest, 0), len(path)):
+            match = by_path.get(tuple(path[start:]))
+            if match is not None and match[0] == leaf.shape:
+                return match[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
 def _validate_run(recipe: Recipe) -> None:
     run = recipe.run
     if run.compute_dtype not in COMPUTE_DTYPES:
@@ -111,9 +134,8 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
 
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated)
+    opt_shardings = follow_param_shardings(abstract_opt, abstract_params, param_shardings,
+                                           replicated)
     state_shardings = TrainState(step=replicated, params=param_shardings,
                                  opt_state=opt_shardings)
     abstract_state = TrainState(

@@ -1,0 +1,79 @@
+"""Backend selection shared by the kernel ops in `mnemax/layers/kernels/`.
+
+Every op exposes `impl in {"auto", "reference", "pallas", "pallas_interpret"}`:
+
+- `"auto"`: `jax.lax.platform_dependent(cuda=<GPU kernel>, tpu=<TPU kernel>, default=<reference>)`.
+  The choice is made when the function is *lowered* for a platform, not from
+  `jax.default_backend()`, so a function traced on a CPU-only host still carries the GPU and
+  TPU kernels (`jax.export(..., platforms=["cuda"])` works from a laptop).
+- `"reference"`: the plain-jnp reference everywhere.
+- `"pallas"`: the compiled kernel of the platform it is lowered for. CPU has no compiled Pallas
+  kernel, so there it runs the kernel in interpret mode (slow; for checking, not for training).
+- `"pallas_interpret"`: the kernel in interpret mode on any platform; `interpret_backend`
+  ("gpu" or "tpu") says which of the two kernels to interpret.
+
+Custom-call names that a kernel leaves in exported StableHLO (needed for
+`jax.export.DisabledSafetyCheck.custom_call` when exporting): `GPU_TRITON_CUSTOM_CALL`
+and `TPU_CUSTOM_CALL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+INTERPRET_BACKENDS = ("gpu", "tpu")
+GPU_TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+TPU_CUSTOM_CALL = "tpu_custom_call"
+
+
+def check_impl(impl: str, interpret_backend: str = "gpu") -> None:
+    """Raises ValueError naming the bad value if `impl` / `interpret_backend` is unknown."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}; use 'auto' unless you are "
+                         "testing a specific kernel.")
+    if interpret_backend not in INTERPRET_BACKENDS:
+        raise ValueError(f"interpret_backend={interpret_backend!r} is not one of "
+                         f"{INTERPRET_BACKENDS}.")
+
+
+def export_disabled_checks() -> list:
+    """The `disabled_checks` that `jax.export.export` needs for mnemax's Pallas kernels."""
+    return [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in (GPU_TRITON_CUSTOM_CALL, TPU_CUSTOM_CALL)]
+
+
+def select(
+    impl: str,
+    *,
+    reference: Callable,
+    gpu: Callable | None,
+    tpu: Callable | None,
+    gpu_interpret: Callable | None,
+    tpu_interpret: Callable | None,
+    interpret_backend: str = "gpu",
+) -> Callable:
+    """Returns the function `impl` asks for; all callables take the same positional arrays.
+
+    A kernel given as None means "this op has no such kernel for these shapes": that platform
+    falls back to `reference` (for "auto" and "pallas") or raises (for "pallas_interpret").
+    """
+    check_impl(impl, interpret_backend)
+    if impl == "reference":
+        return reference
+    interpret = gpu_interpret if interpret_backend == "gpu" else tpu_interpret
+    if impl == "pallas_interpret":
+        if interpret is None:
+            raise ValueError(f"no {interpret_backend} kernel for these shapes; use "
+                             "impl='reference' or the other interpret_backend.")
+        return interpret
+    # "pallas" off GPU/TPU: the interpreted kernel; "auto" off GPU/TPU: the reference.
+    default = interpret if impl == "pallas" and interpret is not None else reference
+
+    def dispatched(*args):
+        return jax.lax.platform_dependent(
+            *args, cuda=gpu or reference, tpu=tpu or reference, default=default)
+
+    return dispatched

@@ -1,0 +1,141 @@
+"""embedding_bag: kernels (interpret mode) against the jnp reference and its autodiff; lowering
+for cuda and tpu from this CPU host; dispatch."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnemax.layers.kernels import dispatch
+from mnemax.layers.kernels.embedding_bag import embedding_bag, reference
+
+N, D, T, K = 48, 256, 10, 12
+# bf16 tables: the kernels and the reference both accumulate in fp32 and round once to bf16,
+# so they agree to one bf16 ulp of the output (|out| < ~20 here): atol 0.125, rtol 2**-7.
+TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=0.125, rtol=2**-7)}
+
+
+def _inputs(dtype, duplicated=False, seed=0):
+    kt, ki, kw, kg = jax.random.split(jax.random.key(seed), 4)
+    table = jax.random.normal(kt, (N, D), jnp.float32).astype(dtype)
+    if duplicated:  # every pick comes from 3 rows: long segments in d_table
+        idx = jnp.array([5, 17, 40])[jax.random.randint(ki, (T, K), 0, 3)]
+    else:
+        idx = jax.random.randint(ki, (T, K), 0, N)
+    w = jax.random.normal(kw, (T, K), jnp.float32)
+    g = jax.random.normal(kg, (T, D), jnp.float32).astype(dtype)
+    return table, idx.astype(jnp.int32), w, g
+
+
+def _value_and_grads(fn, table, idx, w, g):
+    def loss(t, w):
+        out = fn(t, idx, w)
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
+
+    (_, out), (dt, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(table, w)
+    return out, dt, dw
+
+
+def _close(a, b, **tol):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_reference_matches_loop():
+    table, idx, w, _ = _inputs(jnp.float32)
+    out = reference(table, idx, w)
+    t, i, ww = np.asarray(table), np.asarray(idx), np.asarray(w)
+    expect = np.stack([sum(ww[r, k] * t[i[r, k]] for k in range(K)) for r in range(T)])
+    _close(out, expect, atol=1e-5, rtol=1e-5)
+    assert out.dtype == jnp.float32
+    assert reference(table.astype(jnp.bfloat16), idx, w).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("duplicated", [False, True], ids=["random", "dup3rows"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernel_matches_reference_and_autodiff(backend, dtype, duplicated):
+    table, idx, w, g = _inputs(dtype, duplicated)
+    out_r, dt_r, dw_r = _value_and_grads(reference, table, idx, w, g)
+
+    def kernel(t, i, w):
+        return embedding_bag(t, i, w, impl="pallas_interpret", interpret_backend=backend)
+
+    out, dt, dw = _value_and_grads(kernel, table, idx, w, g)
+    assert out.dtype == dtype and dt.dtype == dtype and dw.dtype == w.dtype
+    tol = TOL[dtype]
+    _close(out, out_r, **tol)
+    _close(dw, dw_r, atol=1e-4 if dtype == jnp.float32 else 1e-2, rtol=tol["rtol"])
+    # d_table sums up to T*K terms of w * g (|.| ~ a few tens for the 3-row case)
+    _close(dt, dt_r, atol=1e-4 if dtype == jnp.float32 else 0.25, rtol=tol["rtol"])
+    if duplicated:  # deterministic: a second run is bitwise equal
+        _, dt2, dw2 = _value_and_grads(kernel, table, idx, w, g)
+        assert np.array_equal(np.asarray(dt2, np.float32), np.asarray(dt, np.float32))
+        assert np.array_equal(np.asarray(dw2), np.asarray(dw))
+
+
+@pytest.mark.parametrize("duplicated", [False, True], ids=["random", "dup3rows"])
+def test_reference_impl_backward_matches_autodiff(duplicated):
+    table, idx, w, g = _inputs(jnp.float32, duplicated)
+    _, dt_r, dw_r = _value_and_grads(reference, table, idx, w, g)
+    _, dt, dw = _value_and_grads(
+        lambda t, i, w: embedding_bag(t, i, w, impl="reference"), table, idx, w, g)
+    _close(dt, dt_r, atol=1e-4, rtol=1e-5)
+    _close(dw, dw_r, atol=1e-4, rtol=1e-5)
+
+
+def test_leading_dims_are_flattened():
+    table, idx, w, _ = _inputs(jnp.float32)
+    idx4, w4 = idx.reshape(2, 5, 3, 4), w.reshape(2, 5, 3, 4)
+    out = embedding_bag(table, idx4, w4, impl="pallas_interpret")
+    assert out.shape == (2, 5, 3, D)
+    _close(out, reference(table, idx4, w4), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_export_lowers_kernels(platform):
+    """Forward and forward+backward lower to Triton / Mosaic custom calls on a CPU host."""
+    table, idx, w, _ = _inputs(jnp.bfloat16)
+    name = {"cuda": dispatch.GPU_TRITON_CUSTOM_CALL, "tpu": dispatch.TPU_CUSTOM_CALL}[platform]
+
+    def fwd(t, i, w):
+        return embedding_bag(t, i, w)
+
+    def fwd_bwd(t, i, w):
+        return jax.grad(lambda t, w: jnp.sum(fwd(t, i, w).astype(jnp.float32) ** 2),
+                        (0, 1))(t, w)
+
+    for fn, calls in [(fwd, 1), (fwd_bwd, 3)]:  # fwd; fwd + d_weights + d_table
+        exported = jax.export.export(jax.jit(fn), platforms=[platform],
+                                     disabled_checks=dispatch.export_disabled_checks())(
+                                         table, idx, w)
+        text = exported.mlir_module()
+        assert text.count(f"@{name}(") == calls, (fn.__name__, text.count(f"@{name}("))
+
+
+def test_auto_runs_reference_on_cpu():
+    table, idx, w, g = _inputs(jnp.float32)
+    lowered = jax.jit(lambda t, i, w: embedding_bag(t, i, w)).lower(table, idx, w).as_text()
+    assert "custom_call" not in lowered  # neither the Triton nor the Mosaic kernel
+    out, dt, dw = _value_and_grads(embedding_bag, table, idx, w, g)
+    out_r, dt_r, dw_r = _value_and_grads(
+        lambda t, i, w: embedding_bag(t, i, w, impl="reference"), table, idx, w, g)
+    assert np.array_equal(out, out_r) and np.array_equal(dt, dt_r) and np.array_equal(dw, dw_r)
+    # A shape interpret mode could never finish quickly: 4096 tokens x 128 picks, 2^16 rows.
+    big_t = jax.random.normal(jax.random.key(1), (1 << 16, 128), jnp.float32)
+    big_i = jax.random.randint(jax.random.key(2), (4096, 128), 0, 1 << 16)
+    big_w = jnp.ones((4096, 128), jnp.float32)
+    start = time.perf_counter()
+    jax.jit(embedding_bag)(big_t, big_i, big_w).block_until_ready()
+    assert time.perf_counter() - start < 30
+
+
+def test_bad_arguments_are_named():
+    table, idx, w, _ = _inputs(jnp.float32)
+    with pytest.raises(ValueError, match="impl='triton'"):
+        embedding_bag(table, idx, w, impl="triton")
+    with pytest.raises(ValueError, match="same shape"):
+        embedding_bag(table, idx, w[:, :3])
+    with pytest.raises(ValueError, match=r"\[N, d\]"):
+        embedding_bag(table[None], idx, w)

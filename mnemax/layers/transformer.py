@@ -17,6 +17,13 @@ import jax.numpy as jnp
 
 from mnemax.layers import axes
 from mnemax.layers.attention import GroupedQueryAttention
+from mnemax.layers.memory import (
+    MemoryConfig,
+    MemoryLayer,
+    memory_flops_per_token,
+    memory_param_count,
+)
+from mnemax.layers.memory.layer import value_table_init, value_width
 from mnemax.layers.mlp import SwiGLU, swiglu_hidden_dim
 from mnemax.layers.norms import RMSNorm
 
@@ -38,6 +45,19 @@ class TransformerConfig:
     init_std: float = 0.02  # std of weight init; output projections get init_std / sqrt(2 L)
     attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention backend)
     scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
+    memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
+
+    @property
+    def memory_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.memory.layers))) if self.memory else ()
+
+    def ffn_hidden_dim(self, layer: int) -> int | None:
+        """SwiGLU width of block `layer`; None when a memory replaces its FFN."""
+        if layer not in self.memory_layers:
+            return self.hidden_dim
+        if self.memory.mode == "replace":
+            return None
+        return max(1, round(self.hidden_dim * self.memory.ffn_ratio))
 
     @property
     def kv_heads(self) -> int:
@@ -66,6 +86,8 @@ class TransformerConfig:
             )
         if self.dim_per_head % 2:
             raise ValueError(f"head dim {self.dim_per_head} must be even for RoPE")
+        if self.memory is not None:
+            self.memory.validate(self.d_model, self.num_layers)
 
     def build(self, *, remat: bool = False, remat_policy: Callable | None = None) -> Transformer:
         """The flax module; `remat`/`remat_policy` come from the parallel strategy."""
@@ -76,10 +98,16 @@ class TransformerConfig:
         """Exact number of parameters."""
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
-        mlp = 3 * d * self.hidden_dim
-        per_block = attn + mlp + 2 * d
+        blocks = L * (attn + 2 * d) + sum(3 * d * (self.ffn_hidden_dim(i) or 0) for i in range(L))
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return L * per_block + embed + d
+        total = blocks + embed + d
+        if self.memory_layers:
+            shared = self.memory.shared and self.memory.variant != "peer"
+            per_layer = memory_param_count(self.memory, d, include_values=not shared)
+            total += len(self.memory_layers) * per_layer
+            if shared:
+                total += self.memory.physical_rows * value_width(self.memory, d)
+        return total
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), causal attention.
@@ -89,19 +117,28 @@ class TransformerConfig:
         """
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
-        matmul_params = L * (attn + 3 * d * self.hidden_dim) + self.vocab_size * d
+        mlp = sum(3 * d * (self.ffn_hidden_dim(i) or 0) for i in range(L))
+        matmul_params = L * attn + mlp + self.vocab_size * d
+        memory = (len(self.memory_layers) * memory_flops_per_token(self.memory, d)
+                  if self.memory_layers else 0.0)
         # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, halved by the causal mask.
         attention = L * seq_len * self.num_heads * self.dim_per_head
-        return 6.0 * matmul_params + 6.0 * attention
+        return 6.0 * matmul_params + 6.0 * attention + memory
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm attention + SwiGLU block: `[batch, time, embed] -> ([batch, time, embed], aux)`."""
+    """Pre-norm attention + FFN block: `[batch, time, embed] -> ([batch, time, embed], aux)`.
+
+    The FFN is SwiGLU, a memory layer (`layer` in `config.memory.layers`, mode `replace`), or
+    both summed (mode `parallel`).
+    """
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 shared_values: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
@@ -116,9 +153,27 @@ class DecoderBlock(nn.Module):
             name="attn",
         )(h, positions)
         h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
-        x = x + SwiGLU(cfg.hidden_dim, cfg.init_std, out_std, name="mlp")(h)
+        aux: dict[str, Any] = {}
+        hidden = cfg.ffn_hidden_dim(self.layer)
+        ffn = 0
+        if hidden is not None:
+            ffn = SwiGLU(hidden, cfg.init_std, out_std, name="mlp")(h)
+        if self.layer in cfg.memory_layers:
+            memory, aux = MemoryLayer(cfg.memory, name="memory")(h, shared_values)
+            ffn = ffn + memory
+        x = x + ffn
         x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
-        return x, {}
+        return x, aux
+
+
+def combine_layer_aux(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Sums `loss/...` entries over layers and averages metrics over the layers reporting them."""
+    out: dict[str, jax.Array] = {}
+    for name in sorted({k for aux in per_layer for k in aux}):
+        values = [aux[name] for aux in per_layer if name in aux]
+        total = sum(values[1:], values[0])
+        out[name] = total if name.startswith("loss/") else total / len(values)
+    return out
 
 
 class _ScanBody(nn.Module):
@@ -160,7 +215,7 @@ class Transformer(nn.Module):
         block = DecoderBlock
         if self.remat:
             block = nn.remat(block, policy=self.remat_policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if cfg.scan_layers and not cfg.memory_layers:
             stack = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0},
@@ -172,10 +227,16 @@ class Transformer(nn.Module):
             x, layer_aux = stack(cfg, block, name="layers")(x, positions)
             aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), layer_aux)
         else:
-            aux = {}
+            shared = None
+            if cfg.memory_layers and cfg.memory.shared and cfg.memory.variant != "peer":
+                width = value_width(cfg.memory, cfg.d_model)
+                shared = self.param("memory_values", value_table_init(cfg.memory, width),
+                                    (cfg.memory.physical_rows, width))
+            block_aux = []
             for i in range(cfg.num_layers):
-                x, block_aux = block(cfg, name=f"layer_{i}")(x, positions)
-                aux = block_aux if not aux else jax.tree.map(jnp.add, aux, block_aux)
+                x, layer_aux = block(cfg, i, name=f"layer_{i}")(x, positions, shared)
+                block_aux.append(layer_aux)
+            aux = combine_layer_aux(block_aux)
 
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:

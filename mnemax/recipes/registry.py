@@ -14,13 +14,13 @@ from mnemax.errors import ConfigError
 from mnemax.recipes.overrides import apply_overrides
 from mnemax.recipes.schema import Recipe
 
-_NOT_RECIPES = {"schema", "overrides", "registry", "summary"}
+_NOT_RECIPES = {"schema", "overrides", "registry", "summary"}  # and _private modules
 
 
 def builtin_names() -> list[str]:
     """Names of the recipe modules shipped in `mnemax/recipes/`."""
     return sorted(m.name for m in pkgutil.iter_modules(mnemax.recipes.__path__)
-                  if m.name not in _NOT_RECIPES)
+                  if m.name not in _NOT_RECIPES and not m.name.startswith("_"))
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

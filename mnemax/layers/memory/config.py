@@ -1,0 +1,78 @@
+"""Configuration of the memory layers: product keys, Memory+, UltraMem(V2), PEER."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+VARIANTS = ("pkm", "memory_plus", "ultramem", "peer")
+QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """A sparse memory read by product-key retrieval (Lample et al. 2019) and its descendants.
+
+    `pkm`: product-key memory. `memory_plus` (Berges et al. 2024): qk-norm, SiLU-gated output,
+    one value table shared by the memory layers. `ultramem` (Huang et al. 2024): Tucker-core
+    retrieval and implicit value expansion; with `mode="parallel"`, memory in every block and a
+    smaller FFN it is UltraMemV2's layout. `peer` (He 2024): the slots are single-neuron experts.
+    """
+
+    variant: str = "pkm"  # pkm | memory_plus | ultramem | peer
+    num_rows: int = 65536  # slots N (virtual slots with value_expansion > 1); a perfect square
+    num_heads: int = 4  # retrieval heads; their reads are summed
+    topk: int = 32  # slots read per head
+    key_dim: int = 128  # query width per head, split into two halves of key_dim / 2
+    value_dim: int | None = None  # width of a value row; None = d_model
+    query_norm: str = "layernorm"  # none | layernorm | rmsnorm | batchnorm (batch statistics)
+    qk_norm: bool = False  # L2-normalise query halves and sub-keys (cosine scores), Memory+
+    gated: bool = False  # out = W_o(silu(W_g x) * memory(x)) ("swilu"), Memory+
+    tucker_rank: int = 0  # UltraMem: rank of the Tucker core; 0 = plain row + column sum
+    value_expansion: int = 1  # UltraMem: virtual rows per physical row, read through projections
+    layers: tuple[int, ...] = ()  # indices of the blocks that hold a memory
+    mode: str = "replace"  # replace: memory instead of the block's FFN; parallel: beside it
+    ffn_ratio: float = 1.0  # parallel mode: FFN hidden width multiplier (UltraMemV2's knob)
+    shared: bool = False  # one value table shared by all memory layers (Memory+)
+    value_init_std: float | None = None  # None = 1 / sqrt(value_dim) (keeps reads O(1))
+    impl: str = "auto"  # embedding_bag implementation: auto | reference | pallas
+
+    @property
+    def subkeys(self) -> int:
+        """Sub-keys per half: sqrt(num_rows)."""
+        return math.isqrt(self.num_rows)
+
+    @property
+    def physical_rows(self) -> int:
+        return self.num_rows // self.value_expansion
+
+    def validate(self, d_model: int, num_layers: int) -> None:
+        """Raises ValueError naming the field that cannot build a memory."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"memory.variant={self.variant!r}: choose one of "
+                             f"{', '.join(VARIANTS)}")
+        if self.subkeys**2 != self.num_rows:
+            raise ValueError(f"memory.num_rows={self.num_rows} is not a perfect square; product "
+                             f"keys need N = n^2 (e.g. {self.subkeys**2} or "
+                             f"{(self.subkeys + 1) ** 2})")
+        if self.topk > self.subkeys:
+            raise ValueError(f"memory.topk={self.topk} exceeds the {self.subkeys} sub-keys per "
+                             "half; lower topk or raise num_rows")
+        if self.key_dim % 2:
+            raise ValueError(f"memory.key_dim={self.key_dim} must be even (two halves)")
+        if self.query_norm not in QUERY_NORMS:
+            raise ValueError(f"memory.query_norm={self.query_norm!r}: choose one of "
+                             f"{', '.join(QUERY_NORMS)}")
+        if self.mode not in ("replace", "parallel"):
+            raise ValueError(f"memory.mode={self.mode!r}: choose replace or parallel")
+        if self.num_rows % self.value_expansion:
+            raise ValueError(f"memory.num_rows={self.num_rows} is not divisible by "
+                             f"memory.value_expansion={self.value_expansion}")
+        if self.variant == "peer" and (self.value_expansion != 1 or self.tucker_rank):
+            raise ValueError("memory.variant=peer reads whole experts: set value_expansion=1 and "
+                             "tucker_rank=0")
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"memory.layers={self.layers} names blocks {bad} outside the "
+                             f"model's {num_layers} layers")
+        del d_model

@@ -19,7 +19,11 @@ Backends (`impl`):
 - `chunk`: the chunkwise-parallel form (WY representation through the UT transform, decays in
   log space, a `lax.scan` carrying the state between chunks). Differentiated by autodiff of a
   rematerialised body, so the backward keeps one `[d_k, d_v]` state per chunk, not per token.
-- `pallas`: not written yet; asking for it raises `ValueError`. `auto` picks `chunk`.
+- `pallas`: the chunk form with its scan over chunks in a Pallas Triton kernel
+  (`gated_delta_pallas.py`; forward kernel, backward by autodiff of the XLA scan); on platforms
+  other than CUDA it runs the kernel in interpret mode. `pallas_interpret`: interpret mode
+  everywhere (tests). The kernel has been checked in interpret mode and lowered for CUDA, not yet
+  run on a GPU, so `auto` picks `chunk` on every platform for now.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-GatedDeltaImpl = Literal["auto", "recurrent", "reference", "chunk", "pallas"]
-IMPLS = ("auto", "recurrent", "reference", "chunk", "pallas")
+from mnemax.layers.kernels import gated_delta_pallas
+
+GatedDeltaImpl = Literal["auto", "recurrent", "reference", "chunk", "pallas", "pallas_interpret"]
+IMPLS = ("auto", "recurrent", "reference", "chunk", "pallas", "pallas_interpret")
 
 
 def _check_inputs(q, k, v, g, beta, initial_state) -> None:
@@ -176,21 +182,58 @@ def _chunk_intra(q, k, v, g, beta, scale):
 
 
 def _chunk_inter(state, xs):
-    """One step of the scan over chunks: state `[b, h, d_k, d_v]`, chunk tensors `[b, h, C, .]`."""
+    """One step of the scan over chunks: state `[..., d_k, d_v]`, chunk tensors `[..., C, .]`."""
     w, u0, attn, q_decayed, k_decayed, chunk_decay = xs
-    u = u0 - jnp.einsum("bhck,bhkv->bhcv", w, state)
-    o = jnp.einsum("bhck,bhkv->bhcv", q_decayed, state) + jnp.einsum("bhcj,bhjv->bhcv", attn, u)
-    state = chunk_decay[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_decayed, u)
+    u = u0 - jnp.einsum("...ck,...kv->...cv", w, state)
+    o = (jnp.einsum("...ck,...kv->...cv", q_decayed, state)
+         + jnp.einsum("...cj,...jv->...cv", attn, u))
+    state = chunk_decay[..., None, None] * state + jnp.einsum("...ck,...cv->...kv", k_decayed, u)
     return state, o
 
 
+def _inter_scan(xs, state):
+    """The scan over chunks in XLA: `xs` `[n, ..., C, .]` -> `(o: [n, ..., C, d_v], state)`.
+
+    The body is rematerialised: the backward keeps the inputs and one state per chunk and
+    recomputes the rest, instead of storing it for every chunk.
+    """
+    state, o = lax.scan(jax.checkpoint(_chunk_inter), state, xs)
+    return o, state
+
+
+def _inter_scan_kernel_layout(xs, state):
+    """`_inter_scan` on the Pallas kernel's layout: `xs` `[bh, n, C, .]`, state `[bh, d_k, d_v]`."""
+    o, state = _inter_scan([jnp.moveaxis(x, 1, 0) for x in xs], state)
+    return jnp.moveaxis(o, 0, 1), state
+
+
+_inter_pallas, _inter_pallas_interpret = gated_delta_pallas.with_xla_backward(
+    _inter_scan_kernel_layout)
+
+
+def _inter_scan_pallas(xs, state, *, interpret_only):
+    """`_inter_scan` through the Pallas kernel: Triton on GPU, interpret mode elsewhere."""
+    n, batch, heads = xs[0].shape[:3]
+    flat = [jnp.moveaxis(x, 0, 2).reshape(batch * heads, n, *x.shape[3:]) for x in xs]
+    flat_state = state.reshape(batch * heads, *state.shape[2:])
+    if interpret_only:
+        o, state = _inter_pallas_interpret(flat, flat_state)
+    else:
+        o, state = lax.platform_dependent(flat, flat_state, cuda=_inter_pallas,
+                                          default=_inter_pallas_interpret)
+    o = jnp.moveaxis(o.reshape(batch, heads, *o.shape[1:]), 2, 0)
+    return o, state.reshape(batch, heads, *state.shape[1:])
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                           output_final_state=False, chunk_size=64):
+                           output_final_state=False, chunk_size=64, inter="xla"):
     """The chunkwise-parallel gated delta rule; shapes and results as `reference`.
 
     Any `time` works: the sequence is padded to a multiple of `chunk_size` with `g = beta = k = 0`
     tokens, which leave the state unchanged, and the padding is sliced off the output.
-    All arithmetic is fp32; the output is cast back to q's dtype.
+    All arithmetic is fp32; the output is cast back to q's dtype. `inter` runs the scan over
+    chunks in `"xla"`, the Pallas kernel (`"pallas"`: Triton on GPU, interpret mode elsewhere)
+    or the kernel in interpret mode (`"pallas_interpret"`).
     """
     _check_inputs(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
@@ -208,12 +251,20 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         x = x.reshape(batch, n_chunks, chunk_size, heads, *x.shape[3:])
         return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
+    if inter != "xla" and not gated_delta_pallas.supported(chunk_size, d_k, d_v):
+        raise ValueError(
+            f"gated_delta_rule: the Pallas kernel needs chunk_size, d_k and d_v (or d_v's block "
+            f"of {gated_delta_pallas.MAX_BLOCK_V}) to be powers of two >= 16, got chunk_size="
+            f"{chunk_size}, d_k={d_k}, d_v={d_v}; use impl='chunk' for these sizes.")
     qc, kc, vc, gc, bc = map(to_chunks, (q, k, v, g, beta))
-    # Both stages are rematerialised: the backward keeps the inputs and one state per chunk and
-    # recomputes the [C, C] matrices and the solve, instead of storing them for every chunk.
+    # Rematerialised like the scan body: the backward recomputes the [C, C] matrices and the UT
+    # transform instead of storing them for every chunk.
     intra = jax.checkpoint(_chunk_intra, static_argnums=(5,))(qc, kc, vc, gc, bc, scale)
     state = _zero_state(q, v) if initial_state is None else initial_state.astype(f32)
-    state, o = lax.scan(jax.checkpoint(_chunk_inter), state, intra)
+    if inter == "xla":
+        o, state = _inter_scan(intra, state)
+    else:
+        o, state = _inter_scan_pallas(intra, state, interpret_only=inter == "pallas_interpret")
     # [n, b, h, C, d_v] -> [b, n * C, h, d_v] -> [b, t, h, d_v]
     o = jnp.moveaxis(o, 0, 1).swapaxes(2, 3).reshape(batch, n_chunks * chunk_size, heads, d_v)
     return o[:, :time].astype(q.dtype), (state if output_final_state else None)
@@ -237,7 +288,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
       initial_state: `[batch, heads, d_k, d_v]` or None (zeros).
       output_final_state: also return the state after the last token.
       chunk_size: tokens per chunk of the chunk form.
-      impl: `auto` (= `chunk`), `recurrent`/`reference`, `chunk`, `pallas` (not available yet).
+      impl: `auto` (= `chunk`), `recurrent`/`reference`, `chunk`, `pallas` (Triton kernel for
+        the scan over chunks on GPU, interpret mode elsewhere), `pallas_interpret`.
 
     Returns:
       `(o: [batch, time, heads, d_v]` in q's dtype, `final_state: [batch, heads, d_k, d_v]` fp32
@@ -248,9 +300,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         return reference(q, k, v, g, beta, **kwargs)
     if impl in ("auto", "chunk"):
         return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
-    if impl == "pallas":
-        raise ValueError(
-            "gated_delta_rule: impl='pallas' is not available yet (no Pallas kernel for the "
-            "gated delta rule has been written); use impl='chunk' (what 'auto' picks) or "
-            "impl='recurrent'.")
+    if impl in ("pallas", "pallas_interpret"):
+        return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, inter=impl,
+                                      **kwargs)
     raise ValueError(f"gated_delta_rule: impl must be one of {IMPLS}, got {impl!r}.")

@@ -32,6 +32,7 @@ class GroupedQueryAttention(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     impl: AttentionImpl = "auto"
+    window: int | None = None  # sliding window (tokens, itself included); None = full causal
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -58,7 +59,9 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         impl = None if self.impl == "auto" else self.impl
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        local = None if self.window is None else (self.window - 1, 0)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
+                                           local_window_size=local)
         o_kernel = self.param(
             "o",
             nn.with_logical_partitioning(

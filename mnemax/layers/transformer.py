@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mnemax.layers import axes
 from mnemax.layers.attention import GroupedQueryAttention
+from mnemax.layers.gated_delta import GatedDeltaConfig, GatedDeltaNet
 from mnemax.layers.memory import (
     MemoryConfig,
     MemoryLayer,
@@ -46,6 +47,24 @@ class TransformerConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention backend)
     scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
     memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
+    # Sequence mixer of each block, repeated over the depth: attention | swa (sliding-window
+    # attention) | gdn (Gated DeltaNet). () = attention everywhere.
+    mixers: tuple[str, ...] = ()
+    sliding_window: int = 512  # window (tokens, itself included) of swa blocks
+    gated_delta: GatedDeltaConfig | None = None  # gdn shape; None = heads/head_dim of attention
+
+    def mixer(self, layer: int) -> str:
+        return self.mixers[layer % len(self.mixers)] if self.mixers else "attention"
+
+    @property
+    def gdn(self) -> GatedDeltaConfig:
+        return self.gated_delta or GatedDeltaConfig(num_heads=self.num_heads,
+                                                    head_dim=self.dim_per_head)
+
+    @property
+    def uniform_blocks(self) -> bool:
+        """All blocks have the same parameters (so they can be stacked by nn.scan)."""
+        return not self.memory_layers and len(set(self.mixers)) <= 1
 
     @property
     def memory_layers(self) -> tuple[int, ...]:
@@ -88,6 +107,12 @@ class TransformerConfig:
             raise ValueError(f"head dim {self.dim_per_head} must be even for RoPE")
         if self.memory is not None:
             self.memory.validate(self.d_model, self.num_layers)
+        unknown = set(self.mixers) - {"attention", "swa", "gdn"}
+        if unknown:
+            raise ValueError(f"model.mixers has unknown mixers {sorted(unknown)}; choose "
+                             "attention, swa or gdn")
+        if "gdn" in self.mixers:
+            self.gdn.validate()
 
     def build(self, *, remat: bool = False, remat_policy: Callable | None = None) -> Transformer:
         """The flax module; `remat`/`remat_policy` come from the parallel strategy."""
@@ -98,7 +123,10 @@ class TransformerConfig:
         """Exact number of parameters."""
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
-        blocks = L * (attn + 2 * d) + sum(3 * d * (self.ffn_hidden_dim(i) or 0) for i in range(L))
+        mixer_params = sum(self.gdn.param_count(d) if self.mixer(i) == "gdn" else attn
+                           for i in range(L))
+        blocks = mixer_params + 2 * d * L + sum(3 * d * (self.ffn_hidden_dim(i) or 0)
+                                                for i in range(L))
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         total = blocks + embed + d
         if self.memory_layers:
@@ -118,12 +146,15 @@ class TransformerConfig:
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
         mlp = sum(3 * d * (self.ffn_hidden_dim(i) or 0) for i in range(L))
-        matmul_params = L * attn + mlp + self.vocab_size * d
+        attn_layers = [i for i in range(L) if self.mixer(i) != "gdn"]
+        matmul_params = len(attn_layers) * attn + mlp + self.vocab_size * d
+        gdn = sum(self.gdn.flops_per_token(d) for i in range(L) if self.mixer(i) == "gdn")
         memory = (len(self.memory_layers) * memory_flops_per_token(self.memory, d)
                   if self.memory_layers else 0.0)
         # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, halved by the causal mask.
-        attention = L * seq_len * self.num_heads * self.dim_per_head
-        return 6.0 * matmul_params + 6.0 * attention + memory
+        attention = sum(min(seq_len, self.sliding_window if self.mixer(i) == "swa" else seq_len)
+                        for i in attn_layers) * self.num_heads * self.dim_per_head
+        return 6.0 * matmul_params + 6.0 * attention + memory + gdn
 
 
 class DecoderBlock(nn.Module):
@@ -142,16 +173,21 @@ class DecoderBlock(nn.Module):
         cfg = self.config
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-        x = x + GroupedQueryAttention(
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.kv_heads,
-            head_dim=cfg.dim_per_head,
-            rope_theta=cfg.rope_theta,
-            init_std=cfg.init_std,
-            out_init_std=out_std,
-            impl=cfg.attention_impl,
-            name="attn",
-        )(h, positions)
+        mixer = cfg.mixer(self.layer)
+        if mixer == "gdn":
+            x = x + GatedDeltaNet(cfg.gdn, name="gdn")(h)[0]
+        else:
+            x = x + GroupedQueryAttention(
+                num_heads=cfg.num_heads,
+                num_kv_heads=cfg.kv_heads,
+                head_dim=cfg.dim_per_head,
+                rope_theta=cfg.rope_theta,
+                init_std=cfg.init_std,
+                out_init_std=out_std,
+                impl=cfg.attention_impl,
+                window=cfg.sliding_window if mixer == "swa" else None,
+                name="attn",
+            )(h, positions)
         h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
         aux: dict[str, Any] = {}
         hidden = cfg.ffn_hidden_dim(self.layer)
@@ -215,7 +251,7 @@ class Transformer(nn.Module):
         block = DecoderBlock
         if self.remat:
             block = nn.remat(block, policy=self.remat_policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers and not cfg.memory_layers:
+        if cfg.scan_layers and cfg.uniform_blocks:
             stack = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0},

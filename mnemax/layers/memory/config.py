@@ -15,8 +15,9 @@ class MemoryConfig:
 
     `pkm`: product-key memory. `memory_plus` (Berges et al. 2024): qk-norm, SiLU-gated output,
     one value table shared by the memory layers. `ultramem` (Huang et al. 2024): Tucker-core
-    retrieval and implicit value expansion; with `mode="parallel"`, memory in every block and a
-    smaller FFN it is UltraMemV2's layout. `peer` (He 2024): the slots are single-neuron experts.
+    retrieval and implicit value expansion. `peer` (He 2024): the slots are single-neuron experts.
+    UltraMemV2's layout is `peer` (its PEER-style FFN values) with `tucker_rank > 0`, a memory in
+    every block (`layers`), `mode="parallel"` and a smaller FFN (`ffn_ratio`).
     """
 
     variant: str = "pkm"  # pkm | memory_plus | ultramem | peer
@@ -68,9 +69,8 @@ class MemoryConfig:
         if self.num_rows % self.value_expansion:
             raise ValueError(f"memory.num_rows={self.num_rows} is not divisible by "
                              f"memory.value_expansion={self.value_expansion}")
-        if self.variant == "peer" and (self.value_expansion != 1 or self.tucker_rank):
-            raise ValueError("memory.variant=peer reads whole experts: set value_expansion=1 and "
-                             "tucker_rank=0")
+        if self.variant == "peer" and self.value_expansion != 1:
+            raise ValueError("memory.variant=peer reads whole experts: set value_expansion=1")
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"memory.layers={self.layers} names blocks {bad} outside the "

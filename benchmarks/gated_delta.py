@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_time
 
 from mnemax.layers.kernels.gated_delta import gated_delta_rule
 
@@ -72,14 +71,7 @@ def _fns(impl):
 
 
 def _time(fn, args, iters, warmup=1):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(fn, args, iters, warmup)
 
 
 def _device_bytes(device) -> int | None:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_time
 
 from mnemax.layers.kernels.embedding_bag import embedding_bag, reference
 
@@ -64,14 +63,7 @@ def _fns(impl):
 
 
 def _time(fn, args, iters, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(fn, args, iters, warmup)
 
 
 def _inputs(t, h, k, n, d, dtype, seed=0):

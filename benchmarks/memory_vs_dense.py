@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--variant", default="pkm", choices=["pkm", "memory_plus", "peer"])
     parser.add_argument("--rows", type=int, default=128**2, help="memory slots")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (both)")
+    parser.add_argument("--sparse-lr", type=float, default=None,
+                        help="peak learning rate of the memory's value table (default: --lr)")
     args = parser.parse_args(argv)
 
     key_vocab, value_vocab = 64, 64
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
     common = ["model.vocab_size=192", "model.num_layers=2", "model.d_model=128",
               "model.num_heads=4", "model.mlp_dim=512", "data.seq_len=63",
               "data.global_batch=32", "run.compute_dtype=float32", "schedule.warmup_steps=20",
-              f"run.steps={args.steps}", "optimizer.learning_rate=3e-3",
+              f"run.steps={args.steps}", f"optimizer.learning_rate={args.lr}",
               "optimizer.weight_decay=0.0"]
     assert vocab <= 192
     dense = load_recipe("tiny", common)
@@ -126,7 +129,9 @@ def main(argv=None) -> int:
                               key_dim=64, query_norm="batchnorm", layers=(1,),
                               qk_norm=args.variant == "memory_plus",
                               gated=args.variant == "memory_plus")
-    memory = dataclasses.replace(dense, model=dataclasses.replace(dense.model, memory=memory_cfg))
+    memory = dataclasses.replace(
+        dense, model=dataclasses.replace(dense.model, memory=memory_cfg),
+        optimizer=dataclasses.replace(dense.optimizer, sparse_learning_rate=args.sparse_lr))
 
     print(f"{args.facts} facts, {args.steps} steps of {dense.data.global_batch} x "
           f"{dense.data.seq_len} tokens, on {jax.devices()[0].device_kind}")

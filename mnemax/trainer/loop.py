@@ -73,7 +73,8 @@ def evaluate_params(program: TrainProgram, params: Any, batches: list[np.ndarray
 
 
 def _model_section(recipe_dict: dict) -> dict:
-    return recipe_dict.get("model", {})
+    """The model part of a recipe as JSON would give it back (tuples become lists)."""
+    return json.loads(json.dumps(recipe_dict.get("model", {})))
 
 
 def _restore(program: TrainProgram, ckpt: Checkpointer, step: int, recipe: Recipe):

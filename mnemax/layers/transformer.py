@@ -244,7 +244,9 @@ class Transformer(nn.Module):
                                          (axes.VOCAB, axes.EMBED)),
             (cfg.vocab_size, cfg.d_model),
         )
-        x = jnp.take(embedding, tokens, axis=0)
+        # Gather the table whole before the lookup (FSDP shards it on `embed`): a lookup into an
+        # embed-sharded table cannot produce batch-sharded rows without replicating the result.
+        x = jnp.take(nn.with_logical_constraint(embedding, (axes.VOCAB, None)), tokens, axis=0)
         x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
 

@@ -112,7 +112,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                                 process_count=jax.process_count())
                    if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
     ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
-    writer = MetricsWriter(run_dir, console, tensorboard=jax.process_index() == 0)
+    writer = MetricsWriter(run_dir, tensorboard=jax.process_index() == 0)
 
     latest = ckpt.latest_step() if recipe.checkpoint.resume else None
     if latest is not None:

@@ -1,4 +1,5 @@
-"""Where metrics go: a JSONL file, TensorBoard event files and one console line per log step."""
+"""Where metrics go: a JSONL file and TensorBoard event files; `format_train_line` makes the
+console line."""
 
 from __future__ import annotations
 
@@ -7,15 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 
 class MetricsWriter:
     """Appends `{"step": ..., ...}` records to `run_dir/metrics.jsonl` and TensorBoard."""
 
-    def __init__(self, run_dir: Path, console: Console, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        self.console = console
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter

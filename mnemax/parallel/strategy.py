@@ -8,7 +8,7 @@ import math
 from mnemax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq")
-ZERO_STAGES = (0, 3)  # stages 1 and 2 come with the ZeRO issue
+ZERO_STAGES = (0, 1, 2, 3)
 MEMORY_SHARDINGS = ("dim", "rows", "replicated")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
@@ -18,7 +18,10 @@ class Strategy:
     """How a model is laid out over devices. Nothing outside `mnemax.parallel` reads it."""
 
     mesh: str = "data:-1"  # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices
-    zero_stage: int = 0  # 0 replicates params/grads/optimizer state; 3 shards all three over fsdp
+    # ZeRO (Rajbhandari et al. 2020) over the data-parallel axes (data x fsdp): 0 replicates
+    # params, grads and optimizer state; 1 shards optimizer state; 2 also gradients (reduce-
+    # scattered); 3 (FSDP) also parameters, over the fsdp axis.
+    zero_stage: int = 0
     remat: str = "none"  # activation rematerialisation: none | full | dots_saveable | ...
     memory_sharding: str = "dim"  # memory value tables over data x fsdp: dim | rows | replicated
 
@@ -27,7 +30,8 @@ class Strategy:
         if self.zero_stage not in ZERO_STAGES:
             raise ConfigError(
                 f"strategy.zero_stage={self.zero_stage} is not available: supported stages are "
-                f"{', '.join(map(str, ZERO_STAGES))} (0 = replicated, 3 = FSDP over the fsdp axis)"
+                f"{', '.join(map(str, ZERO_STAGES))} (0 replicated, 1 sharded optimizer state, "
+                "2 + sharded gradients, 3 + sharded parameters)"
             )
         if self.memory_sharding not in MEMORY_SHARDINGS:
             raise ConfigError(

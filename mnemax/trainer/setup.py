@@ -27,6 +27,7 @@ from mnemax.parallel.sharding import (
     check_batch,
     check_divisible,
     logical_shardings,
+    zero_partition,
 )
 from mnemax.recipes.schema import Recipe
 from mnemax.trainer.optimizer import make_optimizer, make_schedule
@@ -46,6 +47,7 @@ class TrainProgram:
     schedule: optax.Schedule
     abstract_state: TrainState  # ShapeDtypeStructs, unboxed
     state_shardings: TrainState  # NamedShardings, same structure
+    grad_shardings: Any  # NamedShardings of the gradients (the params' tree)
     batch_sharding: NamedSharding
     init: Callable[[jax.Array], TrainState]  # rng -> sharded state
     train_step: Callable  # (state, batch) -> (state, metrics); donates state
@@ -60,8 +62,7 @@ class TrainProgram:
         params = self.abstract_state.params
         return {
             "params_bytes": bytes_per_device(params, self.state_shardings.params),
-            # Gradients are fp32 and laid out like the parameters at stages 0 and 3.
-            "grads_bytes": bytes_per_device(params, self.state_shardings.params),
+            "grads_bytes": bytes_per_device(params, self.grad_shardings),
             "opt_state_bytes": bytes_per_device(self.abstract_state.opt_state,
                                                 self.state_shardings.opt_state),
         }
@@ -134,7 +135,13 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
 
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = follow_param_shardings(abstract_opt, abstract_params, param_shardings,
+    # ZeRO 1/2 keep parameters replicated but split optimizer state (and at stage 2 gradients)
+    # over the data-parallel devices; stage 3 already shards everything through the rules.
+    stage = strategy.zero_stage
+    partitioned = (zero_partition(abstract_params, param_shardings) if stage in (1, 2)
+                   else param_shardings)
+    grad_shardings = partitioned if stage == 2 else param_shardings
+    opt_shardings = follow_param_shardings(abstract_opt, abstract_params, partitioned,
                                            replicated)
     state_shardings = TrainState(step=replicated, params=param_shardings,
                                  opt_state=opt_shardings)
@@ -152,7 +159,8 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     micro_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
     step_fn = make_train_step(loss_fn, tx, schedule, grad_accum=recipe.run.grad_accum,
                               skip_nonfinite=recipe.run.nan_policy == "skip",
-                              micro_batch_sharding=micro_sh)
+                              micro_batch_sharding=micro_sh,
+                              grad_shardings=grad_shardings if stage == 2 else None)
 
     with jax.set_mesh(mesh):
         jit_init = jax.jit(init, out_shardings=state_shardings)
@@ -163,7 +171,8 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
 
     return TrainProgram(
         recipe=recipe, mesh=mesh, model=model, schedule=schedule,
-        abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sh,
+        abstract_state=abstract_state, state_shardings=state_shardings,
+        grad_shardings=grad_shardings, batch_sharding=batch_sh,
         init=_in_mesh(jit_init, mesh), train_step=_in_mesh(jit_step, mesh),
         eval_step=_in_mesh(jit_eval, mesh),
     )

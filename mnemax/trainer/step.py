@@ -66,6 +66,7 @@ def make_train_step(
     grad_accum: int,
     skip_nonfinite: bool,
     micro_batch_sharding: Any = None,
+    grad_shardings: Any = None,
 ) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`.
 
@@ -74,6 +75,8 @@ def make_train_step(
     moves between devices) and gradients are summed in fp32 by a `lax.scan`.
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the params and
     optimizer state unchanged (the step counter still advances).
+    `grad_shardings` (ZeRO 2) lays the summed gradients out sharded, so the data-parallel
+    reduction is a reduce-scatter and no device holds the full gradients.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -103,6 +106,8 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
 
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

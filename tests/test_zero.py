@@ -62,3 +62,26 @@ def test_compiled_step_updates_shards_and_keeps_state_sharded(small_recipe, stag
     assert "data" in str(q.spec)
     assert "all-gather" in step.as_text()
     assert "all-gather" not in compiled(0).as_text()
+
+
+def test_show_reports_compiled_memory_beside_the_formula(capsys):
+    import json
+
+    from mnemax.launch.cli import main
+    from tests.conftest import SMALL
+
+    args = ["show", "tiny", "--json", "--compiled", "--set", "strategy.mesh=data:2,fsdp:4",
+            "--set", "strategy.zero_stage=2"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    mem, formula = out["memory_per_device"], out["zero_formula_bytes"]
+    for key in ("params_bytes", "grads_bytes", "opt_state_bytes"):
+        assert mem[key] == pytest.approx(formula[key], rel=0.05), key
+    # XLA's arguments are the sharded state (params + Adam moments) plus this device's batch.
+    compiled = out["compiled_memory_per_device"]
+    batch_bytes = 16 // 8 * 33 * 4
+    assert compiled["argument_bytes"] == pytest.approx(
+        mem["params_bytes"] + mem["opt_state_bytes"] + batch_bytes, rel=0.05)
+    assert compiled["temp_bytes"] > 0

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="resolved recipe, parameter count, FLOPs/token, memory")
     _add_recipe_args(show)
     show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument("--compiled", action="store_true",
+                      help="also compile the train step and report XLA's per-device memory")
 
     sub.add_parser("recipes", help="list the built-in recipes")
 
@@ -86,7 +88,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from mnemax.recipes.summary import print_summary, summarize
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = summarize(recipe)
+    summary = summarize(recipe, compiled=args.compiled)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -11,6 +11,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq")
 ZERO_STAGES = (0, 1, 2, 3)
 MEMORY_SHARDINGS = ("dim", "rows", "replicated")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_NAMED = ("save_names", "offload_names")  # `kind:name,name,...` (checkpoint_name tags)
+UNSUPPORTED_AXES = ("expert", "seq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +24,16 @@ class Strategy:
     # params, grads and optimizer state; 1 shards optimizer state; 2 also gradients (reduce-
     # scattered); 3 (FSDP) also parameters, over the fsdp axis.
     zero_stage: int = 0
-    remat: str = "none"  # activation rematerialisation: none | full | dots_saveable | ...
+    # Activation rematerialisation: none | full | dots_saveable |
+    # dots_with_no_batch_dims_saveable | save_names:NAME,... (keep only the tagged
+    # intermediates) | offload_names:NAME,... (keep them in pinned host memory).
+    remat: str = "none"
     memory_sharding: str = "dim"  # memory value tables over data x fsdp: dim | rows | replicated
+    # Megatron sequence parallelism (Korthikanti et al. 2022): between blocks, activations are
+    # split along the sequence over the `tensor` axis instead of being replicated on it.
+    sequence_parallel: bool = False
+    # Keep the optimizer state in pinned host memory; it is moved to the device for the update.
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         parse_mesh(self.mesh)
@@ -39,11 +49,23 @@ class Strategy:
                 "(each device holds a column slice of every row, as Memory+ does), rows or "
                 "replicated"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(
-                f"strategy.remat={self.remat!r} is not a known policy; choose one of "
-                f"{', '.join(REMAT_POLICIES)}"
-            )
+        parse_remat(self.remat)
+
+
+def parse_remat(spec: str) -> tuple[str, tuple[str, ...]]:
+    """`"full"` -> `("full", ())`; `"save_names:attn_out,mlp_hidden"` -> `("save_names",
+    ("attn_out", "mlp_hidden"))`. Which names exist is checked by `mnemax.parallel.remat`."""
+    kind, sep, rest = spec.partition(":")
+    if not sep and kind in REMAT_POLICIES:
+        return kind, ()
+    names = tuple(n.strip() for n in rest.split(",") if n.strip())
+    if sep and kind in REMAT_NAMED and names:
+        return kind, names
+    raise ConfigError(
+        f"strategy.remat={spec!r} is not a known policy; choose one of "
+        f"{', '.join(REMAT_POLICIES)}, or save_names:NAME,... / offload_names:NAME,... "
+        "(example: offload_names:attn_out,mlp_hidden)"
+    )
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -69,11 +91,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
         sizes[name] = value
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError(f"strategy.mesh={spec!r}: at most one axis may have size -1")
-    for name in ("tensor", "expert", "seq"):
-        if sizes.get(name, 1) not in (1,):
+    for name in UNSUPPORTED_AXES:
+        if sizes.get(name, 1) != 1:
             raise ConfigError(
-                f"strategy.mesh={spec!r}: the {name!r} axis is not supported yet (tensor, expert "
-                "and sequence parallelism arrive with later issues); use data and fsdp"
+                f"strategy.mesh={spec!r}: the {name!r} axis is not supported yet (expert and "
+                "context parallelism arrive with later issues); use data, fsdp and tensor "
+                "(sequence parallelism: strategy.sequence_parallel=true over the tensor axis)"
             )
     return sizes
 

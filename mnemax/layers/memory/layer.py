@@ -5,9 +5,16 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mnemax.layers import axes
 from mnemax.layers.memory.config import MemoryConfig
+from mnemax.layers.memory.initialization import (
+    normal_init,
+    synthetic_inputs,
+    ultramemv2_init,
+    weight_energy,
+)
 from mnemax.layers.memory.retrieval import ProductKeyRetrieval
 from mnemax.layers.memory.values import (
     MEMORY_DIM,
@@ -27,7 +34,7 @@ def value_table_init(config: MemoryConfig, value_dim: int) -> nn.initializers.In
 
 
 def value_width(config: MemoryConfig, d_model: int) -> int:
-    return d_model if config.variant == "peer" else (config.value_dim or d_model)
+    return config.value_dim or d_model
 
 
 class MemoryLayer(nn.Module):
@@ -35,58 +42,90 @@ class MemoryLayer(nn.Module):
 
     pkm / ultramem: out = memory(x) (projected to D if value_dim != D).
     memory_plus or gated: out = W_o(silu(W_g x) * memory(x)).
-    peer: out = sum_i g_i * up_i * gelu(down_i . x) over the retrieved experts i.
+    peer: out = sum_i g_i * up_i * act(down_i . x') over the retrieved experts i, with
+    x' = x (PEER) or x W_pre (`pre_value_dim`, UltraMemV2), act = gelu or identity, and the sum
+    projected to D when value_dim != D (UltraMemV2's single value projection, its Eq. 15).
     `shared_values` is the model-level table when `config.shared`.
+
+    `num_layers` and `ffn_hidden_dim` (the model's depth, and the width of the FFN this memory
+    replaces or sits beside) only set `init="ultramemv2"`'s target variance; None = the
+    defaults of `initialization.ultramemv2_init`. The output is tagged `memory_out` for remat
+    policies.
     """
 
     config: MemoryConfig
+    num_layers: int | None = None
+    ffn_hidden_dim: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, shared_values: jax.Array | None = None):
         cfg = self.config
         batch, time, d_model = x.shape
         d_v = value_width(cfg, d_model)
-        weights, indices, _ = ProductKeyRetrieval(cfg, name="retrieval")(x)
+        retrieval = ProductKeyRetrieval(cfg, name="retrieval")
+        weights, indices, _ = retrieval(x)
         aux = slot_statistics(indices, weights, cfg.num_rows)
         flat_i = indices.reshape(batch * time, -1)
         flat_w = weights.reshape(batch * time, -1)
         flat_x = x.reshape(batch * time, d_model)
+        if cfg.init == "ultramemv2":
+            value_std = 0.0  # only read at init
+            if self.is_initializing():
+                # UltraMemV2's value std depends on this retrieval's slot-weight energy.
+                synthetic, _, _ = retrieval(synthetic_inputs(d_model, dtype=x.dtype))
+                value_std = ultramemv2_init(cfg, d_model, weight_energy(synthetic),
+                                            self.num_layers, self.ffn_hidden_dim).value_std
+            values_init = normal_init(value_std, (MEMORY_ROWS, MEMORY_DIM))
+        else:
+            values_init = value_table_init(cfg, d_v)
+
+        def linear(name: str, shape: tuple[int, ...], logical: tuple[str | None, ...]):
+            fan_in = shape[-2]
+            return self.param(name, normal_init(cfg.linear_std(fan_in, d_model), logical),
+                              shape).astype(x.dtype)
 
         if shared_values is not None:
             table = shared_values
         else:
-            table = self.param("values", value_table_init(cfg, d_v), (cfg.physical_rows, d_v))
+            table = self.param("values", values_init, (cfg.physical_rows, d_v))
         table = table.astype(x.dtype)
 
         if cfg.variant == "peer":
-            down = self.param("expert_down", value_table_init(cfg, d_model),
-                              (cfg.num_rows, d_model))
-            experts = jnp.take(down.astype(x.dtype), flat_i, axis=0)  # [BT, H*k, D]
-            activation = jax.nn.gelu(jnp.einsum("tjd,td->tj", experts, flat_x,
-                                                preferred_element_type=jnp.float32))
-            out = read_values(table, flat_i, flat_w * activation, impl=cfg.impl)
-            return out.reshape(batch, time, d_model).astype(x.dtype), aux
+            d_prev = cfg.pre_value_dim or d_model
+            ultramemv2 = cfg.init == "ultramemv2"
+            down_init = values_init if ultramemv2 else value_table_init(cfg, d_prev)
+            down = self.param("expert_down", down_init, (cfg.num_rows, d_prev))
+            if cfg.pre_value_dim:
+                flat_x = flat_x @ linear("pre_value_proj", (d_model, d_prev),
+                                         (axes.EMBED, MEMORY_DIM))
+            experts = jnp.take(down.astype(x.dtype), flat_i, axis=0)  # [BT, H*k, d_prev]
+            activation = jnp.einsum("tjd,td->tj", experts, flat_x,
+                                    preferred_element_type=jnp.float32)
+            if cfg.peer_activation == "gelu":
+                activation = jax.nn.gelu(activation)
+            memory = read_values(table, flat_i, flat_w * activation, impl=cfg.impl)
+            memory = memory.astype(x.dtype)
+            if d_v != d_model:
+                memory = memory @ linear("out", (d_v, d_model), (MEMORY_DIM, axes.EMBED))
+            return self._tag(memory.reshape(batch, time, d_model)), aux
 
         projections = None
         if cfg.value_expansion > 1:
-            projections = self.param(
-                "value_projections",
-                nn.with_logical_partitioning(nn.initializers.normal(d_v**-0.5),
-                                             (MEMORY_EXPANSION, MEMORY_DIM, None)),
-                (cfg.value_expansion, d_v, d_v),
-            )
+            projections = linear("value_projections", (cfg.value_expansion, d_v, d_v),
+                                 (MEMORY_EXPANSION, MEMORY_DIM, None))
         memory = read_expanded_values(table, projections, flat_i, flat_w, impl=cfg.impl)
         memory = memory.astype(x.dtype)
         gated = cfg.gated or cfg.variant == "memory_plus"
         if gated:
-            w_gate = self.param("gate", nn.with_logical_partitioning(
-                nn.initializers.normal(d_model**-0.5), (axes.EMBED, MEMORY_DIM)), (d_model, d_v))
-            memory = jax.nn.silu(flat_x @ w_gate.astype(x.dtype)) * memory
+            w_gate = linear("gate", (d_model, d_v), (axes.EMBED, MEMORY_DIM))
+            memory = jax.nn.silu(flat_x @ w_gate) * memory
         if gated or d_v != d_model:
-            w_out = self.param("out", nn.with_logical_partitioning(
-                nn.initializers.normal(d_v**-0.5), (MEMORY_DIM, axes.EMBED)), (d_v, d_model))
-            memory = memory @ w_out.astype(x.dtype)
-        return memory.reshape(batch, time, d_model), aux
+            memory = memory @ linear("out", (d_v, d_model), (MEMORY_DIM, axes.EMBED))
+        return self._tag(memory.reshape(batch, time, d_model)), aux
+
+    @staticmethod
+    def _tag(out: jax.Array) -> jax.Array:
+        return checkpoint_name(out, "memory_out")
 
 
 def memory_param_count(cfg: MemoryConfig, d_model: int, *, include_values: bool = True) -> int:
@@ -99,7 +138,11 @@ def memory_param_count(cfg: MemoryConfig, d_model: int, *, include_values: bool 
     if include_values:
         count += cfg.physical_rows * d_v
     if cfg.variant == "peer":
-        return count + cfg.num_rows * d_model
+        d_prev = cfg.pre_value_dim or d_model
+        count += cfg.num_rows * d_prev
+        if cfg.pre_value_dim:
+            count += d_model * d_prev
+        return count + (d_v * d_model if d_v != d_model else 0)
     if cfg.value_expansion > 1:
         count += cfg.value_expansion * d_v * d_v
     gated = cfg.gated or cfg.variant == "memory_plus"
@@ -119,7 +162,10 @@ def memory_flops_per_token(cfg: MemoryConfig, d_model: int) -> float:
     forward += cfg.num_heads * cfg.subkeys * cfg.key_dim * rank  # sub-key scores
     forward += cfg.num_heads * cfg.topk**2 * rank * rank if cfg.tucker_rank else 0
     if cfg.variant == "peer":
-        forward += 2 * reads * d_model
+        d_prev = cfg.pre_value_dim or d_model
+        forward += reads * (d_prev + d_v)
+        forward += d_model * d_prev if cfg.pre_value_dim else 0
+        forward += d_v * d_model if d_v != d_model else 0
     else:
         forward += reads * d_v * cfg.value_expansion + cfg.value_expansion * d_v * d_v * (
             cfg.value_expansion > 1)

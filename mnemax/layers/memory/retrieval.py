@@ -69,7 +69,7 @@ class ProductKeyRetrieval(nn.Module):
         d_model = x.shape[-1]
         w_query = self.param(
             "query",
-            nn.with_logical_partitioning(nn.initializers.normal(d_model**-0.5),
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.linear_std(d_model, d_model)),
                                          (axes.EMBED, MEMORY_HEADS, MEMORY_KEY_DIM)),
             (d_model, heads, rank * cfg.key_dim),
         )

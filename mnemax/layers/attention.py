@@ -10,8 +10,9 @@ from typing import Literal
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
-from mnemax.layers import axes
+from mnemax.layers import axes, checkpoint_names
 from mnemax.layers.rope import apply_rope
 
 AttentionImpl = Literal["auto", "xla", "cudnn"]
@@ -23,6 +24,8 @@ class GroupedQueryAttention(nn.Module):
     Input `[batch, time, embed]` -> output `[batch, time, embed]`.
     Parameters: `q: [embed, heads, head_dim]`, `k`, `v: [embed, kv_heads, head_dim]`,
     `o: [heads, head_dim, embed]`.
+    Tags for remat policies: `attn_q`, `attn_k`, `attn_v` (projections, before RoPE) and
+    `attn_out` (`[batch, time, heads, head_dim]`, before the output projection).
     """
 
     num_heads: int
@@ -56,12 +59,16 @@ class GroupedQueryAttention(nn.Module):
         q = nn.with_logical_constraint(q, q_axes)
         k = nn.with_logical_constraint(k, kv_axes)
         v = nn.with_logical_constraint(v, kv_axes)
+        q = checkpoint_name(q, checkpoint_names.ATTN_Q)
+        k = checkpoint_name(k, checkpoint_names.ATTN_K)
+        v = checkpoint_name(v, checkpoint_names.ATTN_V)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         impl = None if self.impl == "auto" else self.impl
         local = None if self.window is None else (self.window - 1, 0)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
                                            local_window_size=local)
+        out = checkpoint_name(out, checkpoint_names.ATTN_OUT)
         o_kernel = self.param(
             "o",
             nn.with_logical_partitioning(

@@ -15,8 +15,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from mnemax.layers import axes
+from mnemax.layers import axes, checkpoint_names
 from mnemax.layers.kernels.gated_delta import gated_delta_rule
 
 CONV = "conv"
@@ -101,6 +102,8 @@ class GatedDeltaNet(nn.Module):
 
     Without `cache` the whole sequence is mixed by the chunkwise-parallel op; with a cache
     (decoding) the recurrence continues from it and the updated cache is returned.
+    Tags for remat policies: `gdn_qkv` (`[batch, time, 2 hk + hv]`, the projections before the
+    conv) and `gdn_out` (`[batch, time, value_heads, value_dim]`, the op's output).
     """
 
     config: GatedDeltaConfig
@@ -120,6 +123,7 @@ class GatedDeltaNet(nn.Module):
 
         qkv = jnp.concatenate([dense("q", hk, axes.HEADS), dense("k", hk, axes.HEADS),
                                dense("v", hv, axes.HEADS)], axis=-1)
+        qkv = checkpoint_name(qkv, checkpoint_names.GDN_QKV)
         conv_w = self.param("conv", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.conv_size**-0.5), (CONV, axes.HEADS)),
             (cfg.conv_size, qkv.shape[-1]))
@@ -154,6 +158,7 @@ class GatedDeltaNet(nn.Module):
             new_cache = GatedDeltaCache(conv=padded[:, -(cfg.conv_size - 1):].astype(
                 cache.conv.dtype), state=state)
 
+        o = checkpoint_name(o, checkpoint_names.GDN_OUT)
         norm_scale = self.param("norm", nn.with_logical_partitioning(
             nn.initializers.ones, (axes.NORM,)), (cfg.value_dim,))
         o32 = o.astype(jnp.float32)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
-from mnemax.layers import axes
+from mnemax.layers import axes, checkpoint_names
 
 
 class SwiGLU(nn.Module):
     """out = (silu(x W_gate) * (x W_up)) W_down.
 
     Input `[batch, time, embed]` -> `[batch, time, embed]`; parameters `gate`, `up:
-    [embed, mlp]`, `down: [mlp, embed]`.
+    [embed, mlp]`, `down: [mlp, embed]`. Tags for remat policies (`[batch, time, mlp]`):
+    `mlp_gate` (x W_gate), `mlp_up` (x W_up), `mlp_hidden` (the down projection's input).
     """
 
     hidden_dim: int
@@ -33,8 +35,11 @@ class SwiGLU(nn.Module):
                                          (axes.MLP, axes.EMBED)),
             (self.hidden_dim, embed),
         )
-        h = jax.nn.silu(x @ gate.astype(x.dtype)) * (x @ up.astype(x.dtype))
-        h = nn.with_logical_constraint(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+        h_gate = checkpoint_name(x @ gate.astype(x.dtype), checkpoint_names.MLP_GATE)
+        h_up = checkpoint_name(x @ up.astype(x.dtype), checkpoint_names.MLP_UP)
+        h = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
+                                       (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+        h = checkpoint_name(h, checkpoint_names.MLP_HIDDEN)
         return h @ down.astype(x.dtype)
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
 from mnemax.parallel.mesh import make_mesh
-from mnemax.parallel.remat import remat_options
+from mnemax.parallel.remat import HOST_MEMORY_KIND, remat_options
 from mnemax.parallel.rules import logical_axis_rules
 from mnemax.parallel.sharding import (
     batch_sharding,
@@ -95,6 +95,22 @@ def follow_param_shardings(opt_state: Any, params: Any, param_shardings: Any,
     return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
+def check_host_memory(mesh: Mesh) -> None:
+    """Raises ConfigError unless this process's devices in `mesh` have a `pinned_host` memory
+    (needed by `strategy.offload_optimizer`). GPU and TPU have it, and so has XLA:CPU since jax
+    0.4.36, where it is the same RAM as the device memory (the placement is honoured, nothing
+    is saved)."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    kinds = sorted({m.kind for m in local[0].addressable_memories()})
+    if HOST_MEMORY_KIND not in kinds:
+        raise ConfigError(
+            f"strategy.offload_optimizer=true needs a {HOST_MEMORY_KIND!r} memory, but "
+            f"{local[0].platform} device {local[0].id} only has {', '.join(kinds)}; set "
+            "strategy.offload_optimizer=false (or use ZeRO: strategy.zero_stage=1 shards the "
+            "optimizer state over the data-parallel devices instead)"
+        )
+
+
 def _validate_run(recipe: Recipe) -> None:
     run = recipe.run
     if run.compute_dtype not in COMPUTE_DTYPES:
@@ -143,6 +159,14 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     grad_shardings = partitioned if stage == 2 else param_shardings
     opt_shardings = follow_param_shardings(abstract_opt, abstract_params, partitioned,
                                            replicated)
+    # Optimizer-state offload (as MaxText's optimizer_memory_host_offload): the state lives in
+    # pinned host memory with its ZeRO layout; the step brings it to the device for the update.
+    host_opt_shardings = None
+    if strategy.offload_optimizer:
+        check_host_memory(mesh)
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND),
+                                     opt_shardings)
+        host_opt_shardings = opt_shardings
     state_shardings = TrainState(step=replicated, params=param_shardings,
                                  opt_state=opt_shardings)
     abstract_state = TrainState(
@@ -160,7 +184,8 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     step_fn = make_train_step(loss_fn, tx, schedule, grad_accum=recipe.run.grad_accum,
                               skip_nonfinite=recipe.run.nan_policy == "skip",
                               micro_batch_sharding=micro_sh,
-                              grad_shardings=grad_shardings if stage == 2 else None)
+                              grad_shardings=grad_shardings if stage == 2 else None,
+                              host_opt_shardings=host_opt_shardings)
 
     with jax.set_mesh(mesh):
         jit_init = jax.jit(init, out_shardings=state_shardings)
@@ -186,6 +211,7 @@ def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
             return fn(*args)
 
     call.lower = lambda *args: _lower_in_mesh(fn, mesh, *args)  # type: ignore[attr-defined]
+    call.jitted = fn  # type: ignore[attr-defined]  # for jax.export (inside `with jax.set_mesh`)
     return call
 
 

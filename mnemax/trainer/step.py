@@ -67,6 +67,7 @@ def make_train_step(
     skip_nonfinite: bool,
     micro_batch_sharding: Any = None,
     grad_shardings: Any = None,
+    host_opt_shardings: Any = None,
 ) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`.
 
@@ -77,6 +78,9 @@ def make_train_step(
     optimizer state unchanged (the step counter still advances).
     `grad_shardings` (ZeRO 2) lays the summed gradients out sharded, so the data-parallel
     reduction is a reduce-scatter and no device holds the full gradients.
+    `host_opt_shardings` (optimizer-state offload) are the state's shardings in pinned host
+    memory: the state is moved to device memory with the same layout for the update and the
+    new state back to the host (MaxText's optimizer_memory_host_offload).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -109,14 +113,19 @@ def make_train_step(
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        old_opt_state = state.opt_state
+        if host_opt_shardings is not None:
+            old_opt_state = jax.device_put(old_opt_state, jax.tree.map(
+                lambda s: s.with_memory_kind("device"), host_opt_shardings))
+        updates, opt_state = tx.update(grads, old_opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
-            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                (params, opt_state), (state.params, state.opt_state))
-            new_state = new_state.replace(params=kept[0], opt_state=kept[1])
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, old_opt_state))
+        if host_opt_shardings is not None:
+            opt_state = jax.device_put(opt_state, host_opt_shardings)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
                        finite=finite.astype(jnp.float32))
         return new_state, metrics

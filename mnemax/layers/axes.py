@@ -17,6 +17,9 @@ NORM = "norm"
 # Activation axes.
 ACT_BATCH = "act_batch"
 ACT_LENGTH = "act_length"
+# The sequence axis of the residual stream between blocks: split over the tensor axis by
+# sequence parallelism, where everything inside a block needs the whole sequence.
+ACT_RESIDUAL_LENGTH = "act_residual_length"
 ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"

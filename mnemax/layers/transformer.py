@@ -157,6 +157,10 @@ class TransformerConfig:
         return 6.0 * matmul_params + 6.0 * attention + memory + gdn
 
 
+# The residual stream between blocks `[batch, time, embed]`.
+RESIDUAL_AXES = (axes.ACT_BATCH, axes.ACT_RESIDUAL_LENGTH, axes.ACT_EMBED)
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm attention + FFN block: `[batch, time, embed] -> ([batch, time, embed], aux)`.
 
@@ -198,7 +202,7 @@ class DecoderBlock(nn.Module):
             memory, aux = MemoryLayer(cfg.memory, name="memory")(h, shared_values)
             ffn = ffn + memory
         x = x + ffn
-        x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return x, aux
 
 
@@ -246,8 +250,12 @@ class Transformer(nn.Module):
         )
         # Gather the table whole before the lookup (FSDP shards it on `embed`): a lookup into an
         # embed-sharded table cannot produce batch-sharded rows without replicating the result.
+        # Under tensor parallelism the vocab stays split: each shard looks up its own rows and
+        # the partial sums are reduced (Megatron's vocab-parallel embedding) before any
+        # sequence-parallel split, which would otherwise make XLA gather the whole table.
         x = jnp.take(nn.with_logical_constraint(embedding, (axes.VOCAB, None)), tokens, axis=0)
         x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
         block = DecoderBlock

@@ -9,8 +9,19 @@ LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def logical_axis_rules(strategy: Strategy) -> LogicalRules:
-    """Batch over (data, fsdp) always; at ZeRO stage 3 the `embed` dim of every weight over fsdp."""
+    """Batch over (data, fsdp) always; at ZeRO stage 3 the `embed` dim of every weight over fsdp.
+
+    Tensor parallelism (Shoeybi et al., "Megatron-LM", 2019) comes from the `tensor` axis:
+    attention heads, kv heads and the MLP hidden dimension are split over it (column-parallel
+    q/k/v and gate/up, row-parallel o and down, so each block needs one reduction forward and
+    one backward), and so is the vocabulary (vocab-parallel embedding and logits). The rules map
+    these names to `tensor` whatever its size; at size 1 that is a no-op. With
+    `sequence_parallel`, the residual stream between blocks is split along the sequence over
+    `tensor` too (Korthikanti et al. 2022), turning the reductions into reduce-scatters and
+    all-gathers and the norms into per-shard work.
+    """
     param_embed = "fsdp" if strategy.zero_stage == 3 else None
+    residual_length = "tensor" if strategy.sequence_parallel else None
     data_axes = ("data", "fsdp")
     memory_rows = data_axes if strategy.memory_sharding == "rows" else None
     memory_dim = data_axes if strategy.memory_sharding == "dim" else None
@@ -26,17 +37,18 @@ def logical_axis_rules(strategy: Strategy) -> LogicalRules:
         ("memory_expansion", None),
         (axes.ACT_BATCH, ("data", "fsdp")),
         (axes.ACT_LENGTH, None),
+        (axes.ACT_RESIDUAL_LENGTH, residual_length),
         (axes.ACT_EMBED, None),
-        (axes.ACT_HEADS, None),
-        (axes.ACT_KV_HEADS, None),
-        (axes.ACT_MLP, None),
-        (axes.ACT_VOCAB, None),
+        (axes.ACT_HEADS, "tensor"),
+        (axes.ACT_KV_HEADS, "tensor"),
+        (axes.ACT_MLP, "tensor"),
+        (axes.ACT_VOCAB, "tensor"),
         (axes.EMBED, param_embed),
-        (axes.VOCAB, None),
-        (axes.HEADS, None),
-        (axes.KV_HEADS, None),
+        (axes.VOCAB, "tensor"),
+        (axes.HEADS, "tensor"),
+        (axes.KV_HEADS, "tensor"),
         (axes.HEAD_DIM, None),
-        (axes.MLP, None),
+        (axes.MLP, "tensor"),
         (axes.LAYERS, None),
         (axes.NORM, param_embed),
     )

@@ -24,6 +24,10 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+TENSOR_HINT = (". Tensor parallelism splits attention heads, kv heads, the MLP hidden size "
+               "and the vocabulary over the tensor axis: its size must divide each of them")
+
+
 def check_divisible(abstract_tree: Any, shardings: Any, what: str = "state") -> None:
     """Raises ConfigError naming the first leaf whose dimension the mesh axes do not divide."""
     leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
@@ -36,11 +40,12 @@ def check_divisible(abstract_tree: Any, shardings: Any, what: str = "state") -> 
             names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
             ways = math.prod(sharding.mesh.shape[a] for a in names)
             if leaf.shape[dim] % ways:
+                hint = TENSOR_HINT if "tensor" in names else ""
                 raise ConfigError(
                     f"{what} {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: dimension "
                     f"{dim} of size {leaf.shape[dim]} is not divisible by {ways} (mesh axes "
                     f"{'x'.join(names)}). Change the model size so that {leaf.shape[dim]} is a "
-                    f"multiple of {ways}, or change strategy.mesh / strategy.zero_stage"
+                    f"multiple of {ways}, or change strategy.mesh / strategy.zero_stage{hint}"
                 )
 
 

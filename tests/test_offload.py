@@ -6,6 +6,7 @@ memory moves there), so its GPU form is checked by exporting the train step for 
 """
 
 import contextlib
+import dataclasses
 import io
 import re
 import tempfile
@@ -39,12 +40,12 @@ def _loss(small_recipe, spec, tokens):
     return loss
 
 
-def _residual_bytes(loss, params) -> dict[str, int]:
+def _residual_bytes(loss, *args) -> dict[str, int]:
     """Bytes of the residuals the backward pass keeps, per memory space, from jax's listing
     (lines read like `f32[2,32,64] from ...`, or `f32<host>[...]` for offloaded ones)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(loss, params)
+        jax.ad_checkpoint.print_saved_residuals(loss, *args)
     total = {"device": 0, "host": 0}
     pattern = r"^([a-z]+)(\d*)(?:<(\w+)>)?\[([\d,]*)\]"
     for kind, bits, space, dims in re.findall(pattern, out.getvalue(), re.M):
@@ -74,6 +75,26 @@ def test_every_policy_gives_the_gradients_of_none_and_names_set_what_is_saved(sm
     # offload_names moves exactly those two to the host memory space, the rest is as `full`.
     assert residuals[f"offload_names:{SAVED}"] == {"device": device["full"], "host": tagged}
     assert all(r["host"] == 0 for spec, r in residuals.items() if "offload" not in spec)
+
+
+@pytest.mark.parametrize("mixer, names, width", [
+    # width: elements per token and layer of the tagged tensors (4 heads x 16, mlp 128).
+    ("attention", "attn_q,attn_k,attn_v", 4 * 16 + 2 * 2 * 16),
+    ("attention", "mlp_gate,mlp_up", 2 * 128),
+    ("gdn", "gdn_qkv,gdn_out", 3 * 4 * 16 + 4 * 16),
+])
+def test_each_tag_saves_its_tensor(small_recipe, mixer, names, width):
+    """Traced only (abstract params): save_names:X keeps exactly X on top of `full`."""
+    cfg = dataclasses.replace(small_recipe().model, mixers=(mixer,))
+    tokens = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+    params = jax.eval_shape(cfg.build().init, jax.random.key(1), tokens)
+
+    def residuals(spec):
+        model = cfg.build(**remat_options(spec))
+        loss = lambda p, t: jnp.mean(model.apply(p, t)[0])
+        return _residual_bytes(loss, params, tokens)["device"]
+
+    assert residuals(f"save_names:{names}") - residuals("full") == 4 * 2 * 2 * 32 * width
 
 
 def test_unknown_checkpoint_name_lists_the_known_ones(small_recipe):
@@ -130,6 +151,9 @@ def test_offloaded_optimizer_state_trains_like_device_state_at_stage0(small_reci
     kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(run[2].opt_state)}
     assert kinds == {"pinned_host"}
     assert {p.sharding.memory_kind for p in jax.tree.leaves(run[2].params)} == {"device"}
+    assert build_program(small_recipe(MESH, "strategy.offload_optimizer=true")
+                         ).opt_state_memory_kind == "pinned_host"
+    assert build_program(small_recipe(MESH)).opt_state_memory_kind == "device"
 
 
 def test_offload_at_stage2_with_offloaded_activations_and_checkpoint(small_recipe, base_run):

@@ -57,8 +57,16 @@ class TrainProgram:
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
+    @property
+    def opt_state_memory_kind(self) -> str:
+        """Where the optimizer state lives: "device", or "pinned_host" when offloaded."""
+        kinds = {s.memory_kind for s in jax.tree.leaves(
+            self.state_shardings.opt_state, is_leaf=lambda x: isinstance(x, NamedSharding))}
+        return "pinned_host" if kinds == {HOST_MEMORY_KIND} else "device"
+
     def memory_per_device(self) -> dict[str, int]:
-        """Bytes of params / grads / optimizer state one device holds under this strategy."""
+        """Bytes of params / grads / optimizer state one device holds under this strategy (the
+        optimizer state in its host memory when `opt_state_memory_kind` is "pinned_host")."""
         params = self.abstract_state.params
         return {
             "params_bytes": bytes_per_device(params, self.state_shardings.params),
@@ -97,9 +105,9 @@ def follow_param_shardings(opt_state: Any, params: Any, param_shardings: Any,
 
 def check_host_memory(mesh: Mesh) -> None:
     """Raises ConfigError unless this process's devices in `mesh` have a `pinned_host` memory
-    (needed by `strategy.offload_optimizer`). GPU and TPU have it, and so has XLA:CPU since jax
-    0.4.36, where it is the same RAM as the device memory (the placement is honoured, nothing
-    is saved)."""
+    (needed by `strategy.offload_optimizer`). GPU and TPU have it, and so has XLA:CPU (jax
+    0.10), where it is the same RAM as the device memory: the placement is honoured, nothing
+    is saved."""
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     kinds = sorted({m.kind for m in local[0].addressable_memories()})
     if HOST_MEMORY_KIND not in kinds:

@@ -1,4 +1,4 @@
-"""The `mnemax` command line: train, eval, show, data prepare, recipes.
+"""The `mnemax` command line: train, eval, show, plan, data prepare, recipes.
 
 This is a public interface that scripts depend on; change it only compatibly.
 """
@@ -44,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.add_argument("--compiled", action="store_true",
                       help="also compile the train step and report XLA's per-device memory")
+
+    planner = sub.add_parser(
+        "plan", help="fastest ZeRO stage / remat / offload / grad_accum / mesh that fits a "
+                     "memory budget (compiled on fake CPU devices)")
+    _add_recipe_args(planner)
+    planner.add_argument("--devices", type=int, required=True,
+                         help="number of devices to plan for, e.g. 64")
+    planner.add_argument("--memory-per-device", default=None, metavar="SIZE",
+                         help="budget per device: 80GB (10^9 bytes), 80GiB or 80G (2^30 "
+                              "bytes); default: the device kind's memory")
+    planner.add_argument("--device-kind", default="h100",
+                         help="accelerator for the FLOP/s and bandwidth figures: h100, h200, "
+                              "a100, b200 (default h100)")
+    planner.add_argument("--json", action="store_true", help="print one JSON object")
+    planner.add_argument("--no-cache", action="store_true",
+                         help="measure again instead of reading $MNEMAX_CACHE/plan")
 
     sub.add_parser("recipes", help="list the built-in recipes")
 
@@ -96,6 +112,25 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mnemax.launch.plan import plan, require_fit
+    from mnemax.launch.plan_cost import hardware, parse_memory
+    from mnemax.launch.plan_report import print_plan
+
+    hw = hardware(args.device_kind)
+    budget = (parse_memory(args.memory_per_device) if args.memory_per_device is not None
+              else hw.memory_bytes)
+    result = plan(args.recipe, args.overrides, devices=args.devices, budget=budget, hw=hw,
+                  cache=not args.no_cache,
+                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print_plan(result, args.recipe)
+    require_fit(result)
+    return 0
+
+
 def _cmd_recipes(_args: argparse.Namespace) -> int:
     from mnemax.recipes.registry import builtin_names
 
@@ -115,7 +150,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show, "plan": _cmd_plan,
             "recipes": _cmd_recipes, "data": _cmd_data}
 
 

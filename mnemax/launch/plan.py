@@ -1,0 +1,413 @@
+"""`mnemax plan`: the fastest parallel configuration of a recipe that fits a memory budget.
+
+Candidates: ZeRO stages 0-3 x remat policies (none, full, dots_saveable, and offload_names of
+every intermediate the model tags with `checkpoint_name`) x optimizer offload off/on x
+gradient accumulation 1, 2, 4, ... (while the micro-batch still splits over the data-parallel
+devices) x data/fsdp splits of the devices (fsdp only matters at stage 3: below it every split
+behaves as data:N; a `tensor` size given with `--set strategy.mesh=...` is kept).
+
+Search, cheapest evidence first (`plan_worker` does the JAX work, in a subprocess on fake CPU
+devices): 1. the exact state bytes per device from each candidate's shardings (no compile);
+2. an estimate of the peak (state + gradients + the backward pass's residuals, traced per
+device) and of the step time (`plan_cost`); 3. in order of estimated step time, compile the
+candidates whose estimate is within `PRUNE_MARGIN` of the budget until one fits. Results are
+cached on disk (`$MNEMAX_CACHE/plan`) per recipe, candidate and code version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mnemax.errors import ConfigError
+from mnemax.launch.plan_cost import Hardware, StepTime, format_bytes, step_time
+from mnemax.launch.plan_worker import ANSWER_PREFIX, Measurer
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+# Compile a candidate whose estimated peak is under budget / PRUNE_MARGIN (the estimate leaves
+# out XLA's workspace but adds gradients and residuals that are not all live at once).
+PRUNE_MARGIN = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration the planner tries."""
+
+    zero_stage: int
+    remat: str
+    offload_optimizer: bool
+    grad_accum: int
+    mesh: str  # e.g. "data:4,fsdp:2"
+
+    def overrides(self) -> list[str]:
+        """The `--set` items that select this configuration."""
+        return [f"strategy.zero_stage={self.zero_stage}", f"strategy.remat={self.remat}",
+                f"strategy.offload_optimizer={str(self.offload_optimizer).lower()}",
+                f"run.grad_accum={self.grad_accum}", f"strategy.mesh={self.mesh}"]
+
+    def mesh_shape(self) -> dict[str, int]:
+        return {name: int(size) for name, size in
+                (part.split(":") for part in self.mesh.split(","))}
+
+
+def _mesh(data: int, fsdp: int, tensor: int) -> str:
+    parts = [f"data:{data}", f"fsdp:{fsdp}"] + ([f"tensor:{tensor}"] if tensor > 1 else [])
+    return ",".join(parts)
+
+
+def candidates(global_batch: int, devices: int, tensor: int,
+               remat_policies: tuple[str, ...]) -> list[Candidate]:
+    """Every configuration to try (see the module docstring)."""
+    dp = devices // tensor
+    accums = [k for k in (2**i for i in range(int(math.log2(global_batch)) + 1))
+              if global_batch % k == 0 and (global_batch // k) % dp == 0]
+    out = []
+    for stage in range(4):
+        # fsdp = 1 at stage 3 would shard nothing; below stage 3 fsdp acts as data.
+        splits = ([(dp // f, f) for f in range(2, dp + 1) if dp % f == 0] if stage == 3
+                  else [(dp, 1)])
+        for (data, fsdp) in splits:
+            for remat in remat_policies:
+                for offload in (False, True):
+                    for accum in accums:
+                        out.append(Candidate(stage, remat, offload, accum,
+                                             _mesh(data, fsdp, tensor)))
+    return out
+
+
+def _code_fingerprint() -> str:
+    """Hash of mnemax's sources and jax's version: cached measurements expire with them."""
+    import jax
+
+    digest = hashlib.sha256(jax.__version__.encode())
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class MeasurementCache:
+    """Worker answers on disk, one JSON file per (request, resolved recipe, devices, code)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.fingerprint = _code_fingerprint() if directory is not None else ""
+
+    def _path(self, request: dict[str, Any], recipe_json: str, devices: int) -> Path:
+        key = json.dumps([request, recipe_json, devices, self.fingerprint], sort_keys=True)
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def get(self, request: dict[str, Any], recipe_json: str, devices: int) -> dict | None:
+        if self.directory is None:
+            return None
+        path = self._path(request, recipe_json, devices)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, request: dict[str, Any], recipe_json: str, devices: int, answer: dict) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(request, recipe_json, devices)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(answer))
+        tmp.replace(path)
+
+
+class SubprocessWorker:
+    """`plan_worker` in a child process on `devices` fake CPU devices."""
+
+    def __init__(self, recipe: str, overrides: list[str], devices: int) -> None:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                       env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+        # Lives as long as the worker; closed in close().
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mnemax.launch.plan_worker", recipe, str(devices),
+             json.dumps(overrides)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=env)
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        for line in self._proc.stdout:
+            if line.startswith(ANSWER_PREFIX):
+                return json.loads(line[len(ANSWER_PREFIX):])
+        self._proc.wait()
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-3000:]
+        raise RuntimeError(f"the planner's worker exited with status {self._proc.returncode}:"
+                           f"\n{tail}")
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._stderr.close()
+
+
+class InProcessWorker:
+    """`plan_worker`'s `Measurer` in this process (which must have the devices)."""
+
+    def __init__(self, recipe: str, overrides: list[str], devices: int) -> None:
+        self._measurer = Measurer(recipe, overrides, devices)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(self._measurer.answer(request)))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """Every candidate with its figures and verdict, and the chosen one (None: nothing fits)."""
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    budget_bytes: int
+    devices: int
+    hardware: Hardware
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best, "candidates": self.rows, "budget_bytes": self.budget_bytes,
+                "devices": self.devices, "device_kind": self.hardware.kind,
+                "hardware": dataclasses.asdict(self.hardware), "notes": self.notes}
+
+
+class Planner:
+    """Runs the search of the module docstring for one recipe."""
+
+    def __init__(self, recipe_arg: str, overrides: list[str], devices: int, budget: int,
+                 hw: Hardware, *, in_process: bool = False, cache_dir: Path | None = None,
+                 log: Callable[[str], None] = lambda _msg: None) -> None:
+        from mnemax.parallel.strategy import parse_mesh
+        from mnemax.recipes.registry import load_recipe
+
+        self.recipe_arg, self.overrides = recipe_arg, list(overrides)
+        self.recipe = load_recipe(recipe_arg, self.overrides)
+        self.devices, self.budget, self.hw, self.log = devices, budget, hw, log
+        self.in_process = in_process
+        self.cache = MeasurementCache(cache_dir)
+        self._worker: Any = None
+        self._memo: dict[str, dict[str, Any]] = {}
+        if devices < 1:
+            raise ConfigError(f"--devices {devices}: give the number of devices to plan for "
+                              "(at least 1)")
+        self.tensor = parse_mesh(self.recipe.strategy.mesh).get("tensor", 1)
+        if self.tensor == -1 or devices % self.tensor:
+            raise ConfigError(
+                f"strategy.mesh={self.recipe.strategy.mesh!r}: the planner keeps the tensor "
+                f"size, which must be a positive number dividing --devices {devices}; set "
+                "strategy.mesh=tensor:T with T dividing the device count (or leave tensor out)")
+        batch, dp = self.recipe.data.global_batch, devices // self.tensor
+        if batch % dp:
+            raise ConfigError(
+                f"data.global_batch={batch} does not split over the {dp} data-parallel devices "
+                f"(--devices {devices}" + (f" / tensor {self.tensor}" if self.tensor > 1 else "")
+                + f"); use a global batch that is a multiple of {dp} (--set data.global_batch="
+                f"{dp * max(1, round(batch / dp))}) or a --devices that divides {batch}")
+
+    # -- measurements (cached) --------------------------------------------------------------
+
+    def _ask(self, request: dict[str, Any], label: str = "") -> dict[str, Any]:
+        from mnemax.recipes.registry import load_recipe
+        from mnemax.recipes.schema import recipe_to_dict
+
+        memo_key = json.dumps(request, sort_keys=True)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        recipe = load_recipe(self.recipe_arg, [*self.overrides, *request["overrides"]])
+        recipe_json = json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str)
+        answer = self.cache.get(request, recipe_json, self.devices)
+        if answer is None:
+            if label:
+                self.log(label)
+            if self._worker is None:
+                kind = InProcessWorker if self.in_process else SubprocessWorker
+                self._worker = kind(self.recipe_arg, self.overrides, self.devices)
+            answer = self._worker.ask(request)
+            self.cache.put(request, recipe_json, self.devices, answer)
+        self._memo[memo_key] = answer
+        return answer
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    # -- the search ---------------------------------------------------------------------------
+
+    def run(self) -> PlanResult:
+        """Measures, ranks and compiles candidates; returns every row and the chosen one."""
+        data = self.recipe.data
+        dp = self.devices // self.tensor
+        first = candidates(data.global_batch, self.devices, self.tensor, ("none",))[0]
+        probe = self._ask({"op": "residuals", "overrides": first.overrides(),
+                           "rows": max(1, data.global_batch // dp)})
+        if "error" in probe:
+            raise ConfigError(f"{self.recipe.name} does not build with "
+                              f"{' '.join(first.overrides())}: {probe['error']}")
+        policies = REMAT_POLICIES
+        notes = ["memory: XLA:CPU's memory analysis of the train step compiled for "
+                 f"{self.devices} fake CPU devices stands in for {self.hw.kind} (an estimate)"]
+        if probe["names"]:
+            policies += ("offload_names:" + ",".join(probe["names"]),)
+            notes.append(f"offload_names = {', '.join(probe['names'])} (the intermediates the "
+                         "model tags); their residuals go to pinned host memory, which XLA:CPU "
+                         "does not model: they are taken off the compiled peak")
+        else:
+            notes.append("no offload_names policy: the model tags no intermediates")
+        rows = [self._row(c) for c in candidates(data.global_batch, self.devices, self.tensor,
+                                                policies)]
+        best = self._search(rows)
+        self.close()
+        return PlanResult(rows, best, self.budget, self.devices, self.hw, notes)
+
+    def _row(self, cand: Candidate) -> dict[str, Any]:
+        row = {**dataclasses.asdict(cand), "fits": None, "peak_bytes": None,
+               "est_peak_bytes": None, "host_bytes": None, "est_step_s": None,
+               "chosen": False, "status": ""}
+        state = self._ask({"op": "state", "overrides": cand.overrides()})
+        if "error" in state:
+            row.update(fits=False, status=f"fails to build: {state['error']}")
+            return row
+        resident = state["params_bytes"] + state["opt_state_bytes"] + state["grads_bytes"]
+        row["host_bytes"] = state["host_params_bytes"] + state["host_opt_state_bytes"]
+        if resident > self.budget:
+            row.update(fits=False, est_peak_bytes=resident,
+                       status=f"params + grads + optimizer state alone "
+                              f"{format_bytes(resident)} > budget")
+            return row
+        kept, offloaded = self._residuals(cand)
+        data = self.recipe.data
+        batch = data.global_batch * (data.seq_len + 1) * 4 // (self.devices // self.tensor)
+        row["est_peak_bytes"] = resident + kept + batch
+        row["host_bytes"] += offloaded
+        row["host_activation_bytes"] = offloaded
+        flops = self.recipe.model.flops_per_token(data.seq_len) * data.global_batch * data.seq_len
+        share = 1.0 - self.recipe.model.flops_per_token(1) / self.recipe.model.flops_per_token(
+            data.seq_len)
+        time: StepTime = step_time(
+            flops_per_step=flops, attention_share=share, params=state["params"],
+            stage=cand.zero_stage, remat=cand.remat, grad_accum=cand.grad_accum,
+            mesh=cand.mesh_shape(), host_state_bytes=state["host_opt_state_bytes"],
+            host_activation_bytes=offloaded, hw=self.hw)
+        row.update(est_step_s=time.total_s, compute_s=time.compute_s,
+                   collective_s=time.collective_s, host_s=time.host_s)
+        return row
+
+    def _residuals(self, cand: Candidate) -> tuple[int, int]:
+        """(residual bytes one device keeps, bytes it offloads to the host) per micro-batch."""
+        rows = self.recipe.data.global_batch // cand.grad_accum // (self.devices // self.tensor)
+
+        def traced(remat: str) -> dict[str, Any]:
+            base = dataclasses.replace(cand, zero_stage=0, offload_optimizer=False, remat=remat,
+                                       mesh=_mesh(self.devices // self.tensor, 1, self.tensor))
+            return self._ask({"op": "residuals", "overrides": base.overrides(), "rows": rows})
+
+        shards = (cand.mesh_shape()["fsdp"] if cand.zero_stage == 3 else 1) * self.tensor
+        own = traced(cand.remat)
+        if "error" in own:
+            return 0, 0
+        kept = own["activation_bytes"] // self.tensor + own["cast_bytes"] // shards
+        if not cand.remat.startswith("offload_names"):
+            return kept, 0
+        full = traced("full")
+        on_device = full["activation_bytes"] // self.tensor + full["cast_bytes"] // shards
+        return on_device, max(kept - on_device, 0)
+
+    def _search(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        ranked = sorted((r for r in rows if r["est_step_s"] is not None),
+                        key=lambda r: (round(math.log(r["est_step_s"]) / math.log(1.001)),
+                                       r["grad_accum"], r["est_peak_bytes"]))
+        best = None
+        # compiled / estimated peak, lowest seen so far: the estimate leaves XLA's workspace
+        # out, so once compiles show how much it adds, prune with that (conservatively).
+        ratios: list[float] = []
+        for count, row in enumerate(ranked, 1):
+            ratio = min(ratios, default=1.0)
+            if row["est_peak_bytes"] * ratio * PRUNE_MARGIN > self.budget:
+                estimate = format_bytes(row["est_peak_bytes"])
+                row.update(fits=False,
+                           status=f"estimated peak {estimate} > budget (not compiled)")
+                continue
+            if best is not None:
+                row["status"] = "not compiled: ranked after the chosen one"
+                continue
+            cand = Candidate(**{f.name: row[f.name] for f in dataclasses.fields(Candidate)})
+            compiled = self._ask({"op": "compile", "overrides": cand.overrides()},
+                                 label=f"compiling candidate {count}/{len(ranked)}: "
+                                       f"{' '.join(cand.overrides())}")
+            if "error" in compiled:
+                row.update(fits=False, status=f"fails to compile: {compiled['error']}")
+                continue
+            peak = compiled["peak_bytes"]
+            if compiled.get("platform") == "cpu":
+                peak -= row.get("host_activation_bytes", 0)
+            row["peak_bytes"] = peak
+            ratios.append(peak / max(row["est_peak_bytes"], 1))
+            if peak <= self.budget:
+                row.update(fits=True, chosen=True, status="fits: chosen (fastest estimate)")
+                best = row
+            else:
+                row.update(fits=False, status=f"compiled peak {format_bytes(peak)} > budget")
+        return best
+
+
+def plan(recipe: str, overrides: list[str], *, devices: int, budget: int, hw: Hardware,
+         in_process: bool = False, cache: bool = True,
+         log: Callable[[str], None] = lambda _msg: None) -> PlanResult:
+    """The fastest configuration of `recipe` that fits `budget` bytes per device on `devices`
+    devices of kind `hw` (see the module docstring); `result.best` is None if nothing fits."""
+    from mnemax.trainer.data.corpus import cache_root
+
+    directory = cache_root() / "plan" if cache else None
+    planner = Planner(recipe, overrides, devices, budget, hw, in_process=in_process,
+                      cache_dir=directory, log=log)
+    try:
+        return planner.run()
+    finally:
+        planner.close()
+
+
+def require_fit(result: PlanResult) -> dict[str, Any]:
+    """The chosen row, or a ConfigError saying how close the best candidate came and what to
+    change."""
+    if result.best is not None:
+        return result.best
+    measured = [r for r in result.rows if r["peak_bytes"] or r["est_peak_bytes"]]
+    if not measured:
+        raise ConfigError("no configuration could be built; see the table for each error")
+    smallest = min(measured, key=lambda r: r["peak_bytes"] or r["est_peak_bytes"])
+    need = smallest["peak_bytes"] or smallest["est_peak_bytes"]
+    raise ConfigError(
+        f"nothing fits in {format_bytes(result.budget_bytes)} per device on {result.devices} "
+        f"devices: the smallest peak is {format_bytes(need)} (stage {smallest['zero_stage']}, "
+        f"remat {smallest['remat'].partition(':')[0]}, mesh {smallest['mesh']}, grad_accum "
+        f"{smallest['grad_accum']}). Raise --memory-per-device to at least "
+        f"{format_bytes(need)}, plan for more --devices, or shrink the model or "
+        "data.global_batch / data.seq_len"
+    )

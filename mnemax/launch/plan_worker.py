@@ -1,0 +1,140 @@
+"""The planner's JAX side: builds, traces and compiles one candidate configuration at a time.
+
+`mnemax plan` runs this module as a subprocess (`python -m mnemax.launch.plan_worker`) with
+`JAX_PLATFORMS=cpu` and `--xla_force_host_platform_device_count=<devices>`, so that configurations
+for more devices than the machine has are compiled on fake CPU devices; XLA:CPU's memory analysis
+then stands in for the accelerator's. Requests are JSON lines on stdin, answers JSON lines on
+stdout prefixed with `ANSWER_PREFIX`. `Measurer` also runs in-process where the process already
+has the devices (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from mnemax.errors import MnemaxError
+
+ANSWER_PREFIX = "@plan-answer "
+
+
+def _jaxpr_names(jaxpr: Any, found: set[str]) -> None:
+    """Adds the `checkpoint_name` tags in `jaxpr` and its sub-jaxprs to `found`."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "name":
+            found.add(eqn.params["name"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _jaxpr_names(inner, found)
+
+
+def _aval_bytes(aval: Any) -> int:
+    return math.prod(aval.shape) * aval.dtype.itemsize
+
+
+class Measurer:
+    """Measures candidates of one recipe (`recipe` name or path + `overrides`) on this
+    process's first `devices` devices; each method takes the candidate's extra overrides."""
+
+    def __init__(self, recipe: str, overrides: list[str], devices: int) -> None:
+        import jax
+
+        self.recipe, self.overrides = recipe, list(overrides)
+        self.devices = jax.devices()[:devices]
+        if len(self.devices) < devices:
+            raise MnemaxError(f"the planner's worker sees {len(self.devices)} devices, not "
+                              f"{devices}")
+
+    def _program(self, extra: list[str]) -> Any:
+        from mnemax.recipes.registry import load_recipe
+        from mnemax.trainer.setup import build_program
+
+        return build_program(load_recipe(self.recipe, [*self.overrides, *extra]), self.devices)
+
+    def state(self, extra: list[str]) -> dict[str, Any]:
+        """Device and host bytes of params, grads and optimizer state by shardings."""
+        from mnemax.recipes.summary import state_bytes
+
+        program = self._program(extra)
+        return {**state_bytes(program), "params": program.param_count}
+
+    def residuals(self, extra: list[str], rows: int) -> dict[str, Any]:
+        """Bytes of what the backward pass keeps (the vjp's residuals) for `rows` sequences
+        with whole parameters, traced without compiling: `activation_bytes` (not counting the
+        parameters themselves) and `cast_bytes` (parameters cast to the compute dtype), plus
+        the `checkpoint_name` tags the model uses."""
+        import jax
+        import jax.numpy as jnp
+
+        from mnemax.recipes.summary import loss_function
+
+        program = self._program(extra)
+        loss_fn = loss_function(program)
+        tokens = jax.ShapeDtypeStruct((rows, program.recipe.data.seq_len), jnp.int32)
+        closed = jax.make_jaxpr(
+            lambda p, i, t: jax.vjp(lambda q: loss_fn(q, i, t)[0], p))(
+            program.abstract_state.params, tokens, tokens)
+        jaxpr = closed.jaxpr
+        inputs = {id(v) for v in jaxpr.invars}
+        producer = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+        activation = cast = 0
+        for var in jaxpr.outvars[1:]:  # outvars[0] is the loss; the rest are residuals
+            if type(var).__name__ == "Literal" or id(var) in inputs:  # the params themselves
+                continue
+            eqn = producer.get(id(var))
+            if (eqn is not None and eqn.primitive.name == "convert_element_type"
+                    and id(eqn.invars[0]) in inputs):
+                cast += _aval_bytes(var.aval)
+            else:
+                activation += _aval_bytes(var.aval)
+        names: set[str] = set()
+        _jaxpr_names(jaxpr, names)
+        return {"activation_bytes": activation, "cast_bytes": cast, "names": sorted(names)}
+
+    def compile(self, extra: list[str]) -> dict[str, Any]:
+        """XLA's memory analysis of the compiled train step and its device peak."""
+        from mnemax.recipes.summary import compiled_memory, state_bytes, step_peak_bytes
+
+        program = self._program(extra)
+        raw = compiled_memory(program)
+        sharded = state_bytes(program)
+        host = sharded["host_params_bytes"] + sharded["host_opt_state_bytes"]
+        return {**raw, "host_state_bytes": host, "peak_bytes": step_peak_bytes(raw, host),
+                "platform": self.devices[0].platform}
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Runs one request `{"op": "state"|"residuals"|"compile", "overrides": [...], ...}`;
+        a configuration that cannot be built or compiled answers `{"error": message}`."""
+        op, extra = request["op"], request["overrides"]
+        try:
+            if op == "state":
+                return self.state(extra)
+            if op == "residuals":
+                return self.residuals(extra, request["rows"])
+            if op == "compile":
+                return self.compile(extra)
+        except MnemaxError as err:
+            return {"error": str(err), "kind": "config"}
+        except Exception as err:  # XLA refusing a configuration is a result, not a crash
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                    "kind": "compile"}
+        raise ValueError(f"unknown planner request {op!r}")
+
+
+def main(argv: list[str]) -> int:
+    """`plan_worker RECIPE DEVICES OVERRIDES_JSON`: answers requests until stdin closes."""
+    recipe, devices, overrides = argv[0], int(argv[1]), json.loads(argv[2])
+    measurer = Measurer(recipe, overrides, devices)
+    print(ANSWER_PREFIX + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip():
+            print(ANSWER_PREFIX + json.dumps(measurer.answer(json.loads(line))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

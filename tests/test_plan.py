@@ -1,0 +1,123 @@
+"""`mnemax plan`: memory sizes, the step-time model, candidates, and plans for the small model
+on 8 devices (a budget that rules stage 0 out, and one nothing fits)."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from mnemax.errors import ConfigError
+from mnemax.launch.plan import candidates, plan, require_fit
+from mnemax.launch.plan_cost import (
+    HARDWARE,
+    collective_seconds,
+    parse_memory,
+    recompute_factor,
+    step_time,
+)
+from tests.conftest import SMALL
+
+
+def _sets(*items):
+    args = []
+    for item in items:
+        args += ["--set", item]
+    return args
+
+
+def _main(args):
+    from mnemax.launch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("16G", 16 * 2**30), ("16g", 16 * 2**30),
+    ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("2.3 MiB", int(2.3 * 2**20)),
+    ("4096", 4096), ("100KB", 100_000), ("1T", 2**40),
+])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80 gigs", "GB", "-1GB", "0GB", "80iB", ""])
+def test_parse_memory_rejects_what_it_cannot_read(text):
+    with pytest.raises(ConfigError, match="80GiB or 80G"):
+        parse_memory(text)
+
+
+def test_step_time_model_numbers():
+    h100 = HARDWARE["h100"]
+    # Stage 0 on 64 devices: a ring all-reduce of 4 GB of fp32 gradients across nodes.
+    assert collective_seconds(10**9, 0, {"data": 64, "fsdp": 1}, 1, h100) == pytest.approx(
+        2 * 4e9 * 63 / 64 / 50e9)
+    # Stage 3 over 8-device fsdp groups inside a node (2 gathers + 1 reduce-scatter at 450
+    # GB/s), then the 1/8 gradient shards all-reduced over data between nodes.
+    hybrid = 3 * 4e9 * 7 / 8 / 450e9 + 2 * 0.5e9 * 7 / 8 / 50e9
+    assert collective_seconds(10**9, 3, {"data": 8, "fsdp": 8}, 1, h100) == pytest.approx(hybrid)
+    assert recompute_factor("full", 0.1) == pytest.approx(4 / 3)
+    assert recompute_factor("none", 0.1) == 1.0
+    t = step_time(flops_per_step=989e12, attention_share=0.0, params=10**9, stage=0,
+                  remat="full", grad_accum=1, mesh={"data": 1, "fsdp": 1},
+                  host_state_bytes=55e9, host_activation_bytes=0.0, hw=h100)
+    # 1 s of peak FLOPs at 50% efficiency, x 4/3 for the recompute; 55 GB in and out at 55 GB/s.
+    assert t.compute_s == pytest.approx(2 * 4 / 3)
+    assert t.collective_s == 0.0
+    assert t.host_s == pytest.approx(2.0)
+
+
+def test_candidates_cover_stages_policies_offload_accum_and_meshes():
+    cands = candidates(16, 8, 1, ("none", "full"))
+    # Stages 0-2 on data:8 and stage 3 on fsdp 2, 4, 8; x 2 policies x offload x accum 1, 2.
+    assert len(cands) == 3 * 2 * 2 * 2 + 3 * 2 * 2 * 2
+    assert {c.grad_accum for c in cands} == {1, 2}
+    assert {c.mesh for c in cands if c.zero_stage == 3} == {
+        "data:4,fsdp:2", "data:2,fsdp:4", "data:1,fsdp:8"}
+    assert {c.mesh for c in cands if c.zero_stage < 3} == {"data:8,fsdp:1"}
+
+
+def test_plan_picks_a_compiled_fit_when_the_budget_rules_out_stage_0():
+    # Stage 0 replicates everything: its compiled peak is 3.07 MiB here (estimate 2.71 MiB);
+    # stage 2 with no remat compiles to 2.06 MiB.
+    budget = "2.3MiB"
+    code, out, _ = _main(["plan", "tiny", "--devices", "8", "--memory-per-device", budget,
+                          "--json", *_sets(*SMALL)])
+    assert code == 0
+    result = json.loads(out)
+    best = result["best"]
+    assert best is not None and best["fits"] and best["chosen"]
+    assert best["zero_stage"] != 0
+    assert best["peak_bytes"] is not None and best["peak_bytes"] <= parse_memory(budget)
+    stage0 = [r for r in result["candidates"] if r["zero_stage"] == 0 and r["remat"] == "none"
+              and r["grad_accum"] == 1 and not r["offload_optimizer"]]
+    assert stage0[0]["fits"] is False and "budget" in stage0[0]["status"]
+    assert len(result["candidates"]) == 96  # 4 remat policies, offload_names included
+
+
+def test_impossible_budget_is_a_clear_error():
+    from mnemax.launch.plan_cost import hardware
+
+    result = plan("tiny", list(SMALL), devices=8, budget=parse_memory("64KiB"),
+                  hw=hardware("h100"), in_process=True)
+    assert result.best is None
+    assert all(r["fits"] is False for r in result.rows)
+    with pytest.raises(ConfigError, match=r"nothing fits in 64\.00 KiB per device on 8 devices"):
+        require_fit(result)
+    code, _, err = _main(["plan", "tiny", "--devices", "8", "--memory-per-device", "64KiB",
+                          *_sets(*SMALL)])
+    assert code == 2
+    assert "error: nothing fits" in err and "--memory-per-device" in err
+
+
+def test_bad_plan_inputs_name_the_fix():
+    code, _, err = _main(["plan", "tiny", "--devices", "3", "--memory-per-device", "1GB",
+                          *_sets(*SMALL)])
+    assert code == 2 and "does not split over the 3 data-parallel devices" in err
+    code, _, err = _main(["plan", "tiny", "--devices", "8", "--memory-per-device", "lots"])
+    assert code == 2 and "memory size 'lots' is not understood" in err
+    code, _, err = _main(["plan", "tiny", "--devices", "8", "--device-kind", "tpu9"])
+    assert code == 2 and "--device-kind 'tpu9' is unknown" in err

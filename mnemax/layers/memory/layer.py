@@ -44,7 +44,7 @@ class MemoryLayer(nn.Module):
     memory_plus or gated: out = W_o(silu(W_g x) * memory(x)).
     peer: out = sum_i g_i * up_i * act(down_i . x') over the retrieved experts i, with
     x' = x (PEER) or x W_pre (`pre_value_dim`, UltraMemV2), act = gelu or identity, and the sum
-    projected to D when value_dim != D (UltraMemV2's single value projection, its Eq. 15).
+    projected to D when value_dim != D (UltraMemV2's Eq. 15 with its single projection, Eq. 12).
     `shared_values` is the model-level table when `config.shared`.
 
     `num_layers` and `ffn_hidden_dim` (the model's depth, and the width of the FFN this memory

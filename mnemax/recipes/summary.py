@@ -110,11 +110,17 @@ def micro_batch_rows(recipe: Recipe) -> int:
     return recipe.data.global_batch // max(recipe.run.grad_accum, 1)
 
 
-def _stats(lowered: Any, program: Any) -> dict[str, int]:
-    """Compiles `lowered` (for its memory analysis only) -> argument / output / alias / temp
-    bytes per device, and the host-memory parts XLA reports apart (`host_*`)."""
+def analysis_compile(lowered: Any, program: Any) -> Any:
+    """Compiles `lowered` whose result only feeds `memory_stats` (on CPU: without LLVM's
+    optimisations, see `CPU_ANALYSIS_OPTIONS`)."""
     on_cpu = program.mesh.devices.flat[0].platform == "cpu"
-    stats = lowered.compile(CPU_ANALYSIS_OPTIONS if on_cpu else None).memory_analysis()
+    return lowered.compile(CPU_ANALYSIS_OPTIONS if on_cpu else None)
+
+
+def memory_stats(compiled: Any) -> dict[str, int]:
+    """Argument / output / alias / temp bytes per device of a compiled program, and the
+    host-memory parts XLA reports apart (`host_*`)."""
+    stats = compiled.memory_analysis()
     names = ("argument", "output", "alias", "temp")
     out = {f"{n}_bytes": int(getattr(stats, f"{n}_size_in_bytes")) for n in names}
     out.update({f"host_{n}_bytes": int(getattr(stats, f"host_{n}_size_in_bytes", 0) or 0)
@@ -145,13 +151,12 @@ def compiled_gradient_memory(program: Any) -> dict[str, int]:
                                               program.batch_sharding),
                          out_shardings=program.grad_shardings)
         lowered = jitted.lower(params, tokens, tokens)
-    return _stats(lowered, program)
+    return memory_stats(analysis_compile(lowered, program))
 
 
-def compiled_memory(program: Any) -> dict[str, int]:
-    """Per-device bytes XLA reports for the compiled train step (compiled from abstract
-    inputs: nothing is allocated). Arguments = params + optimizer state + batch; temp holds the
-    gradients, activations and workspace."""
+def lower_train_step(program: Any) -> Any:
+    """The train step lowered for abstract state and batch with their shardings (`.compile()`
+    gives a callable for real state and batches)."""
     import jax
 
     from mnemax.trainer.checkpoint import abstract_with_shardings
@@ -160,7 +165,14 @@ def compiled_memory(program: Any) -> dict[str, int]:
     data = program.recipe.data
     batch = jax.ShapeDtypeStruct((data.global_batch, data.seq_len + 1), jax.numpy.int32,
                                  sharding=program.batch_sharding)
-    return _stats(program.train_step.lower(state, batch), program)
+    return program.train_step.lower(state, batch)
+
+
+def compiled_memory(program: Any) -> dict[str, int]:
+    """Per-device bytes XLA reports for the compiled train step (compiled from abstract
+    inputs: nothing is allocated). Arguments = params + optimizer state + batch; temp holds the
+    gradients, activations and workspace."""
+    return memory_stats(analysis_compile(lower_train_step(program), program))
 
 
 def step_peak_bytes(stats: dict[str, int], host_state_bytes: int) -> int:

@@ -17,21 +17,15 @@ cached on disk (`$MNEMAX_CACHE/plan`) per recipe, candidate and code version.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import re
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mnemax.errors import ConfigError
 from mnemax.launch.plan_cost import Hardware, StepTime, format_bytes, step_time
-from mnemax.launch.plan_worker import ANSWER_PREFIX, Measurer
+from mnemax.launch.plan_worker import InProcessWorker, MeasurementCache, SubprocessWorker
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Compile a candidate whose estimated peak is under budget / PRUNE_MARGIN (the estimate leaves
@@ -83,101 +77,6 @@ def candidates(global_batch: int, devices: int, tensor: int,
                         out.append(Candidate(stage, remat, offload, accum,
                                              _mesh(data, fsdp, tensor)))
     return out
-
-
-def _code_fingerprint() -> str:
-    """Hash of mnemax's sources and jax's version: cached measurements expire with them."""
-    import jax
-
-    digest = hashlib.sha256(jax.__version__.encode())
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-class MeasurementCache:
-    """Worker answers on disk, one JSON file per (request, resolved recipe, devices, code)."""
-
-    def __init__(self, directory: Path | None) -> None:
-        self.directory = directory
-        self.fingerprint = _code_fingerprint() if directory is not None else ""
-
-    def _path(self, request: dict[str, Any], recipe_json: str, devices: int) -> Path:
-        key = json.dumps([request, recipe_json, devices, self.fingerprint], sort_keys=True)
-        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-    def get(self, request: dict[str, Any], recipe_json: str, devices: int) -> dict | None:
-        if self.directory is None:
-            return None
-        path = self._path(request, recipe_json, devices)
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def put(self, request: dict[str, Any], recipe_json: str, devices: int, answer: dict) -> None:
-        if self.directory is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(request, recipe_json, devices)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(answer))
-        tmp.replace(path)
-
-
-class SubprocessWorker:
-    """`plan_worker` in a child process on `devices` fake CPU devices."""
-
-    def __init__(self, recipe: str, overrides: list[str], devices: int) -> None:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                       env.get("XLA_FLAGS", ""))
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-        # Lives as long as the worker; closed in close().
-        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mnemax.launch.plan_worker", recipe, str(devices),
-             json.dumps(overrides)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env)
-        self._read()
-
-    def _read(self) -> dict[str, Any]:
-        for line in self._proc.stdout:
-            if line.startswith(ANSWER_PREFIX):
-                return json.loads(line[len(ANSWER_PREFIX):])
-        self._proc.wait()
-        self._stderr.seek(0)
-        tail = self._stderr.read()[-3000:]
-        raise RuntimeError(f"the planner's worker exited with status {self._proc.returncode}:"
-                           f"\n{tail}")
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-        self._stderr.close()
-
-
-class InProcessWorker:
-    """`plan_worker`'s `Measurer` in this process (which must have the devices)."""
-
-    def __init__(self, recipe: str, overrides: list[str], devices: int) -> None:
-        self._measurer = Measurer(recipe, overrides, devices)
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return json.loads(json.dumps(self._measurer.answer(request)))
-
-    def close(self) -> None:
-        pass
 
 
 @dataclasses.dataclass

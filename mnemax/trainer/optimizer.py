@@ -8,6 +8,7 @@ import jax
 import optax
 
 from mnemax.errors import ConfigError
+from mnemax.trainer.compressed_adam import check_moments, scale_by_compressed_adam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,10 @@ class OptimizerConfig:
     # Sparsely updated tables (memory values): their own learning rate and no weight decay.
     sparse_params: tuple[str, ...] = ("values", "memory_values", "expert_down")  # param names
     sparse_learning_rate: float | None = None  # peak lr of sparse_params; None = learning_rate
+    # Storage of Adam's two moments between steps: float32 | bfloat16 | float8_e4m3 (COAT,
+    # Xi et al. 2025: per-group scale and dynamic range expansion; see compressed_adam.py).
+    moments_dtype: str = "float32"
+    moments_group_size: int = 128  # elements sharing one float8 scale and exponent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +79,33 @@ def _param_groups(opt: OptimizerConfig):
 def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     """clip(global norm) -> AdamW(schedule) with weight decay on matrices only; parameters named
     in `opt.sparse_params` get Adam without weight decay at `sparse_learning_rate` (same schedule
-    shape), as product-key memories are trained (Lample et al. 2019)."""
+    shape), as product-key memories are trained (Lample et al. 2019).
+
+    With `opt.moments_dtype` bfloat16 or float8_e4m3 both groups keep their moments compressed
+    (`scale_by_compressed_adam`, composed as `optax.adamw` composes `scale_by_adam`); float32
+    is optax's own AdamW / Adam."""
     if opt.name != "adamw":
         raise ConfigError(f"optimizer.name={opt.name!r} is unknown; available: adamw")
+    check_moments(opt.moments_dtype, opt.moments_group_size)
     parts = []
     if opt.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_norm))
-    dense = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                        weight_decay=opt.weight_decay, mask=_decay_mask)
     ratio = (opt.sparse_learning_rate or opt.learning_rate) / opt.learning_rate
-    sparse = optax.adam(lambda step: schedule(step) * ratio, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+
+    def sparse_schedule(step):
+        return schedule(step) * ratio
+
+    if opt.moments_dtype == "float32":
+        dense = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                            weight_decay=opt.weight_decay, mask=_decay_mask)
+        sparse = optax.adam(sparse_schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    else:
+        def adam():
+            return scale_by_compressed_adam(opt.b1, opt.b2, opt.eps, opt.moments_dtype,
+                                            opt.moments_group_size)
+
+        dense = optax.chain(adam(), optax.add_decayed_weights(opt.weight_decay, _decay_mask),
+                            optax.scale_by_learning_rate(schedule))
+        sparse = optax.chain(adam(), optax.scale_by_learning_rate(sparse_schedule))
     parts.append(optax.multi_transform({"dense": dense, "sparse": sparse}, _param_groups(opt)))
     return optax.chain(*parts)

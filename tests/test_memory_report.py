@@ -55,6 +55,9 @@ def test_formula_divides_by_tensor_and_moves_offloaded_state_to_host():
     assert zero_formula_bytes(1000, 2, mesh) == {
         "params_bytes": 2000.0, "grads_bytes": 500.0, "opt_state_bytes": 1000.0,
         "host_opt_state_bytes": 0.0}
+    # float8 moments (1 byte) over 4 devices, with 0.125 bytes of replicated scales per param.
+    assert zero_formula_bytes(1000, 1, mesh, moment_bytes=1,
+                              replicated_opt_bytes_per_param=0.125)["opt_state_bytes"] == 375.0
     # Stage 3: N = fsdp = 2; bfloat16 moments (2 bytes each) kept in host memory.
     assert zero_formula_bytes(1000, 3, mesh, moment_bytes=2, offload_optimizer=True) == {
         "params_bytes": 1000.0, "grads_bytes": 1000.0, "opt_state_bytes": 0.0,

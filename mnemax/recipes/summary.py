@@ -34,8 +34,8 @@ MOMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3": 1, "fl
 
 
 def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
-                       moment_bytes: int = 4, offload_optimizer: bool = False
-                       ) -> dict[str, float]:
+                       moment_bytes: int = 4, offload_optimizer: bool = False,
+                       replicated_opt_bytes_per_param: float = 0.0) -> dict[str, float]:
     """ZeRO's per-device model-state bytes with fp32 params and grads and Adam's two moments
     (Rajbhandari et al. 2020 with K = 8 for fp32 moments): stage 0: 16 Psi; 1: 8 Psi + 8 Psi / N;
     2: 4 Psi + 12 Psi / N; 3: 16 Psi / N (N = the degree of the axes each stage shards over:
@@ -44,7 +44,9 @@ def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
     With a `tensor` axis of size T > 1 every term is divided by T too (tensor parallelism splits
     the weights, hence their gradients and moments; the few replicated norms are ignored).
     `moment_bytes` is the size of one moment element (2 for bfloat16, 1 for float8 moments);
-    with `offload_optimizer` the optimizer state is counted in `host_opt_state_bytes` instead.
+    `replicated_opt_bytes_per_param` is optimizer state every device keeps whole (float8 moments'
+    per-group scales and exponents); with `offload_optimizer` the optimizer state is counted in
+    `host_opt_state_bytes` instead.
     """
     n = mesh_shape["data"] * mesh_shape["fsdp"] if stage in (1, 2) else mesh_shape["fsdp"]
     t = mesh_shape.get("tensor", 1)
@@ -55,6 +57,7 @@ def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
         g /= n
     if stage >= 3:
         p /= n
+    o += replicated_opt_bytes_per_param * params
     host = 0.0
     if offload_optimizer:
         host, o = o, 0.0
@@ -217,6 +220,9 @@ def summarize(recipe: Recipe, *, compiled: bool = False) -> dict[str, Any]:
     mesh_shape = {k: int(v) for k, v in program.mesh.shape.items()}
     strategy = recipe.strategy
     moments = getattr(recipe.optimizer, "moments_dtype", "float32")
+    # float8 moments: a float32 scale and exponent per group, for each of the two moments.
+    scales = (16.0 / getattr(recipe.optimizer, "moments_group_size", 128)
+              if moments.startswith("float8") else 0.0)
     report = memory_report(program, compiled=compiled)
     summary = {
         "name": recipe.name,
@@ -230,7 +236,8 @@ def summarize(recipe: Recipe, *, compiled: bool = False) -> dict[str, Any]:
         "zero_formula_bytes": zero_formula_bytes(
             program.param_count, strategy.zero_stage, mesh_shape,
             moment_bytes=MOMENT_BYTES.get(moments, 4),
-            offload_optimizer=getattr(strategy, "offload_optimizer", False)),
+            offload_optimizer=getattr(strategy, "offload_optimizer", False),
+            replicated_opt_bytes_per_param=scales),
     }
     if compiled:
         summary["compiled_memory_per_device"] = report["compiled"]["step"]

@@ -113,11 +113,6 @@ def _group_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(1, 2 * ndim, 2))
 
 
-def _per_group(stat: jax.Array) -> jax.Array:
-    """`[g0, 1, g1, 1, ...]` (a reduction with keepdims) -> `[g0, g1, ...]`."""
-    return stat.reshape(stat.shape[::2])
-
-
 def _broadcast_groups(stat: jax.Array) -> jax.Array:
     """`[g0, g1, ...]` -> `[g0, 1, g1, 1, ...]`, to broadcast against `_to_groups`."""
     return stat.reshape([n for g in stat.shape for n in (g, 1)])
@@ -152,12 +147,11 @@ def quantize(x: jax.Array, dtype: str, group_size: int = 128, expand: bool = Tru
         (jnp.float32(0), jnp.float32(jnp.inf)),
         lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
         _group_axes(x.ndim))
-    top, bottom = _broadcast_groups(top), _broadcast_groups(bottom)
     k = expansion_exponent(top, bottom) if expand else jnp.ones_like(top)
-    safe_top = jnp.where(top > 0, top, 1.0)
-    expanded = FP8_MAX * (magnitude / safe_top) ** k
+    safe_top = _broadcast_groups(jnp.where(top > 0, top, 1.0))
+    expanded = FP8_MAX * (magnitude / safe_top) ** _broadcast_groups(k)
     codes = jnp.sign(groups) * jnp.minimum(expanded, FP8_MAX)  # e4m3fn turns > 448 into nan
-    return (codes.astype(jnp.float8_e4m3fn).reshape(x.shape), _per_group(top), _per_group(k))
+    return codes.astype(jnp.float8_e4m3fn).reshape(x.shape), top, k
 
 
 def dequantize(codes: jax.Array, scale: jax.Array | None, exponent: jax.Array | None,

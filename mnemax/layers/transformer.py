@@ -199,7 +199,9 @@ class DecoderBlock(nn.Module):
         if hidden is not None:
             ffn = SwiGLU(hidden, cfg.init_std, out_std, name="mlp")(h)
         if self.layer in cfg.memory_layers:
-            memory, aux = MemoryLayer(cfg.memory, name="memory")(h, shared_values)
+            memory, aux = MemoryLayer(cfg.memory, num_layers=cfg.num_layers,
+                                      ffn_hidden_dim=hidden or cfg.hidden_dim,
+                                      name="memory")(h, shared_values)
             ffn = ffn + memory
         x = x + ffn
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)

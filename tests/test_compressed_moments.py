@@ -162,7 +162,7 @@ _RUNS = {}
 
 def _batches(steps):
     """Rows are arithmetic sequences mod 257 with a random start and stride 1-3: after two
-    tokens the rest is predictable, so the loss falls fast (5.8 -> ~2 in 30 steps)."""
+    tokens the rest is predictable, so the loss falls fast (5.8 -> 2.74 in 30 steps)."""
     rng = np.random.default_rng(0)
     start = rng.integers(0, 257, (steps, 16, 1))
     stride = rng.integers(1, 4, (steps, 16, 1))
@@ -194,7 +194,6 @@ def _train(dtype, stage, steps):
     return _RUNS[key]
 
 
-
 def test_compressed_moments_track_float32_adam_on_the_small_model():
     base, _ = _train("float32", 0, TRACK_STEPS)
     assert base[0] > 5.5 and base[-1] < 3.0  # it learns, so agreement below means something
@@ -204,9 +203,9 @@ def test_compressed_moments_track_float32_adam_on_the_small_model():
         diffs[dtype] = np.abs(losses - base)
         assert losses[0] == base[0] and diffs[dtype].max() > 0  # same start; really compressed
     print({dtype: (float(d.max()), float(d[-1])) for dtype, d in diffs.items()})
-    # Measured: bf16 final |dloss| ~1e-4, fp8 ~2e-3 (of a final loss ~2.3).
-    assert diffs["bfloat16"].max() < 2e-3
-    assert diffs["float8_e4m3"].max() < 2e-2 and diffs["float8_e4m3"][-1] < 1e-2
+    # Measured |dloss| max / final: bf16 1.1e-4 / 3e-5, fp8 1.6e-3 / 1.6e-3 (final loss 2.74).
+    assert diffs["bfloat16"].max() < 1e-3
+    assert diffs["float8_e4m3"].max() < 1e-2 and diffs["float8_e4m3"][-1] < 5e-3
 
 
 def test_opt_state_bytes_per_parameter_shrink_as_promised(small_recipe):
@@ -225,7 +224,7 @@ def test_opt_state_bytes_per_parameter_shrink_as_promised(small_recipe):
     assert per_param["float32"] / per_param["float8_e4m3"] > 3.5
 
     # ZeRO 1 over 8 devices splits the float8 codes like the moments; the small per-group
-    # scales stay whole on every device.
+    # scales stay whole on every device. Measured: 0.389 bytes per parameter (fp32: 1.0).
     program = build_program(small_recipe("strategy.mesh=fsdp:8", "strategy.zero_stage=1",
                                          "optimizer.moments_dtype=float8_e4m3"))
     opt_bytes = program.memory_per_device()["opt_state_bytes"] / program.param_count
@@ -239,8 +238,9 @@ def test_float8_moments_compose_with_zero_stages_1_2_3():
     base, _ = _train("float8_e4m3", 0, TRACK_STEPS)
     for stage in (1, 2, 3):
         losses, state = _train("float8_e4m3", stage, ZERO_STEPS)
-        # Reductions sum in another order when sharded; a float8 code can flip by one step.
-        np.testing.assert_allclose(losses, base[:ZERO_STEPS], rtol=0, atol=1e-4)
+        # Sharded reductions sum in another order, which can flip a float8 code by one step.
+        # Measured: identical at stages 1 and 2, 5e-7 at stage 3.
+        np.testing.assert_allclose(losses, base[:ZERO_STEPS], rtol=0, atol=1e-5)
         adam = state.opt_state[1].inner_states["dense"].inner_state[0]
         q = adam.mu["layers"]["block"]["attn"]["q"]
         assert q.dtype == jnp.float8_e4m3fn and q.shape == (2, 64, 4, 16)

@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 # 8 fake CPU devices; harmless on a GPU (it only concerns the host platform).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -40,6 +39,7 @@ if "--one" not in sys.argv:
 
 import jax  # noqa: E402
 from rich.console import Console  # noqa: E402
+from timing import time_train_steps  # noqa: E402
 
 from mnemax.errors import MnemaxError  # noqa: E402
 from mnemax.recipes.registry import load_recipe  # noqa: E402
@@ -113,14 +113,7 @@ def run_steps(program, compiled, steps: int, compiled_peak: int) -> dict:
     batch = jax.device_put(tokens, program.batch_sharding)
     try:
         state = program.init(jax.random.key(0))
-        state, metrics = compiled(state, batch)  # warm-up
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        _, times = time_train_steps(compiled, state, batch, steps)
     except Exception as err:  # out of memory at run time
         return {"error": f"run failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     step = statistics.median(times)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 from rich.console import Console
+from timing import time_train_steps
 
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.data import train_iterator
@@ -44,14 +45,7 @@ def bare_step(recipe, steps: int) -> dict:
     compiled = lowered.compile()
     t2 = time.perf_counter()
     analysis = compiled.memory_analysis()
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    state, times = time_train_steps(compiled, state, batch, steps)
     step_time = statistics.median(times)
     tokens = recipe.data.global_batch * recipe.data.seq_len
     flops = recipe.model.flops_per_token(recipe.data.seq_len) * tokens

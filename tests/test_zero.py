@@ -95,3 +95,13 @@ def test_show_reports_compiled_memory_beside_the_formula(capsys):
     assert compiled["argument_bytes"] == pytest.approx(
         mem["params_bytes"] + mem["opt_state_bytes"] + batch_bytes, rel=0.05)
     assert compiled["temp_bytes"] > 0
+
+
+def test_stage3_without_an_fsdp_axis_is_refused_with_the_fix(small_recipe):
+    from mnemax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fsdp=1 \(data=8\).*strategy.mesh=fsdp:-1"):
+        build_program(small_recipe("strategy.mesh=data:8", "strategy.zero_stage=3"))
+    # One device has nothing to shard: stage 3 there is allowed (and equals stage 0).
+    build_program(small_recipe("strategy.mesh=data:1", "strategy.zero_stage=3"),
+                  jax.devices()[:1])

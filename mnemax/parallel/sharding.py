@@ -67,6 +67,19 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh) -> None:
         )
 
 
+def check_zero_stage(zero_stage: int, mesh: Mesh) -> None:
+    """ZeRO 3 splits parameters over the fsdp axis: on a mesh whose data-parallel devices are
+    all on the data axis it would shard nothing, so it is refused rather than run as stage 0."""
+    if zero_stage == 3 and mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1:
+        data = mesh.shape["data"]
+        raise ConfigError(
+            f"strategy.zero_stage=3 shards parameters over the fsdp mesh axis, but the mesh has "
+            f"fsdp=1 (data={data}), so nothing would be sharded; use strategy.mesh=fsdp:-1 (or "
+            f"data:D,fsdp:F with D x F = {data}), or strategy.zero_stage=1|2 to shard only the "
+            "optimizer state (and gradients) over the data axis"
+        )
+
+
 def zero_partition(abstract_tree: Any, shardings: Any) -> Any:
     """Shardings that split each leaf over the data-parallel axes (data x fsdp) as ZeRO 1/2 do.
 

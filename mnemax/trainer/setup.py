@@ -26,6 +26,7 @@ from mnemax.parallel.sharding import (
     bytes_per_device,
     check_batch,
     check_divisible,
+    check_zero_stage,
     logical_shardings,
     zero_partition,
 )
@@ -139,6 +140,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     mesh = make_mesh(strategy, devices)
     rules = logical_axis_rules(strategy)
     check_batch(recipe.data.global_batch, recipe.run.grad_accum, mesh)
+    check_zero_stage(strategy.zero_stage, mesh)
     try:
         model = recipe.model.build(**remat_options(strategy.remat))
     except ValueError as err:

@@ -77,10 +77,8 @@ class Measurer:
         import jax
         import jax.numpy as jnp
 
-        from mnemax.recipes.summary import loss_function
-
         program = self._program(extra)
-        loss_fn = loss_function(program)
+        loss_fn = program.loss_fn
         tokens = jax.ShapeDtypeStruct((rows, program.recipe.data.seq_len), jnp.int32)
         closed = jax.make_jaxpr(
             lambda p, i, t: jax.vjp(lambda q: loss_fn(q, i, t)[0], p))(

@@ -14,7 +14,6 @@ Memory per device comes from three sources, side by side:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -93,21 +92,6 @@ def state_bytes(program: Any) -> dict[str, int]:
             "host_params_bytes": host_params, "host_opt_state_bytes": host_opt}
 
 
-def loss_function(program: Any) -> Callable:
-    """The recipe's `loss_fn(params, inputs, targets) -> (objective, metrics)`, as the train step
-    uses it (the program's own if it exposes one, else rebuilt the way `build_program` does)."""
-    loss_fn = getattr(program, "loss_fn", None)
-    if loss_fn is not None:
-        return loss_fn
-    from mnemax.parallel.rules import logical_axis_rules
-    from mnemax.trainer.setup import COMPUTE_DTYPES
-    from mnemax.trainer.step import make_loss_fn
-
-    run = program.recipe.run
-    return make_loss_fn(program.model, COMPUTE_DTYPES[run.compute_dtype], run.z_loss_weight,
-                        logical_axis_rules(program.recipe.strategy))
-
-
 def micro_batch_rows(recipe: Recipe) -> int:
     """Sequences in one micro-batch: `data.global_batch / run.grad_accum`."""
     return recipe.data.global_batch // max(recipe.run.grad_accum, 1)
@@ -140,7 +124,7 @@ def compiled_gradient_memory(program: Any) -> dict[str, int]:
 
     from mnemax.trainer.checkpoint import abstract_with_shardings
 
-    loss_fn = loss_function(program)
+    loss_fn = program.loss_fn
     shardings = program.state_shardings.params
 
     def grads(params, inputs, targets):

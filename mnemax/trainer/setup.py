@@ -53,6 +53,7 @@ class TrainProgram:
     init: Callable[[jax.Array], TrainState]  # rng -> sharded state
     train_step: Callable  # (state, batch) -> (state, metrics); donates state
     eval_step: Callable  # (params, batch) -> mean cross entropy
+    loss_fn: Callable  # (params, inputs, targets) -> (objective, metrics), as the step uses it
 
     @property
     def param_count(self) -> int:
@@ -209,7 +210,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
         abstract_state=abstract_state, state_shardings=state_shardings,
         grad_shardings=grad_shardings, batch_sharding=batch_sh,
         init=_in_mesh(jit_init, mesh), train_step=_in_mesh(jit_step, mesh),
-        eval_step=_in_mesh(jit_eval, mesh),
+        eval_step=_in_mesh(jit_eval, mesh), loss_fn=loss_fn,
     )
 
 

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     assert vocab <= 192
     dense = load_recipe("tiny", common)
     memory_cfg = MemoryConfig(variant=args.variant, num_rows=args.rows, num_heads=4, topk=16,
-                              key_dim=64, query_norm="batchnorm", layers=(1,),
+                              key_dim=64, query_norm="layernorm", layers=(1,),
                               qk_norm=args.variant == "memory_plus",
                               gated=args.variant == "memory_plus")
     memory = dataclasses.replace(

@@ -95,7 +95,8 @@ def test_leading_dims_are_flattened():
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_export_lowers_kernels(platform):
-    """Forward and forward+backward lower to Triton / Mosaic custom calls on a CPU host."""
+    """Forward and forward+backward lower to Triton / Mosaic custom calls on a CPU host, for a
+    named chip of the platform."""
     table, idx, w, _ = _inputs(jnp.bfloat16)
     name = {"cuda": dispatch.GPU_TRITON_CUSTOM_CALL, "tpu": dispatch.TPU_CUSTOM_CALL}[platform]
 
@@ -107,9 +108,10 @@ def test_export_lowers_kernels(platform):
                         (0, 1))(t, w)
 
     for fn, calls in [(fwd, 1), (fwd_bwd, 3)]:  # fwd; fwd + d_weights + d_table
-        exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                     disabled_checks=dispatch.export_disabled_checks())(
-                                         table, idx, w)
+        with dispatch.lowering_for(platform):  # H100 / TPU v5p: this host has neither
+            exported = jax.export.export(jax.jit(fn), platforms=[platform],
+                                         disabled_checks=dispatch.export_disabled_checks())(
+                                             table, idx, w)
         text = exported.mlir_module()
         assert text.count(f"@{name}(") == calls, (fn.__name__, text.count(f"@{name}("))
 
@@ -139,3 +141,29 @@ def test_bad_arguments_are_named():
         embedding_bag(table, idx, w[:, :3])
     with pytest.raises(ValueError, match=r"\[N, d\]"):
         embedding_bag(table[None], idx, w)
+
+
+def test_lowering_for_names_the_chip_and_keeps_the_mesh():
+    """`lowering_for` puts the chip in the abstract mesh (Pallas reads its kernel target there),
+    keeps the axes of the mesh in context, and restores that mesh on exit."""
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        before = jax.sharding.get_abstract_mesh()
+        with dispatch.lowering_for("tpu") as chip:
+            inside = jax.sharding.get_abstract_mesh()
+            assert chip == dispatch.TPU_V5P
+            assert (inside.axis_names, inside.axis_sizes) == (("data", "fsdp"), (2, 4))
+            device = inside.abstract_device
+            assert (device.device_kind, device.num_cores, device.platform) == ("TPU v5p", 2, "tpu")
+        assert jax.sharding.get_abstract_mesh() == before
+        # A sharded export for CUDA: the Triton kernel lowers with the mesh's devices.
+        table, idx, w, _ = _inputs(jnp.bfloat16)
+        idx, w = (jax.device_put(a, jax.NamedSharding(mesh, jax.P("data"))) for a in (idx, w))
+        with dispatch.lowering_for(dispatch.H100):
+            exported = jax.export.export(jax.jit(embedding_bag), platforms=["cuda"],
+                                         disabled_checks=dispatch.export_disabled_checks())(
+                                             table, idx, w)
+        assert exported.nr_devices == 8
+        assert exported.mlir_module().count(f"@{dispatch.GPU_TRITON_CUSTOM_CALL}(") == 1
+    with pytest.raises(ValueError, match=r"lowering_for\('rocm'\)"), dispatch.lowering_for("rocm"):
+        pass

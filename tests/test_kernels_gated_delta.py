@@ -231,8 +231,8 @@ def test_pallas_kernel_interpret_matches_chunk():
 
 
 def test_pallas_kernel_lowers_for_cuda():
-    """Forward and forward+backward export for CUDA from this CPU host: one Triton call each
-    (the backward is XLA)."""
+    """Forward and forward+backward export for CUDA (H100) from this CPU host: one Triton call
+    each (the backward is XLA)."""
     (q, k, v, g, beta), _ = make_inputs(130, dtype=jnp.bfloat16)
 
     def fwd(*args):
@@ -243,8 +243,9 @@ def test_pallas_kernel_lowers_for_cuda():
                         argnums=range(5))(*args)
 
     for fn in (fwd, fwd_bwd):
-        exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                                     disabled_checks=dispatch.export_disabled_checks())(
-                                         q, k, v, g, beta)
+        with dispatch.lowering_for(dispatch.H100):
+            exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                         disabled_checks=dispatch.export_disabled_checks())(
+                                             q, k, v, g, beta)
         text = exported.mlir_module()
         assert text.count(f"@{dispatch.GPU_TRITON_CUSTOM_CALL}(") == 1, fn.__name__

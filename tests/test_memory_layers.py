@@ -13,9 +13,10 @@ from mnemax.layers.memory import MemoryConfig, MemoryLayer, memory_param_count
 from mnemax.layers.memory.initialization import synthetic_inputs, ultramemv2_init, weight_energy
 from mnemax.layers.memory.retrieval import ProductKeyRetrieval
 from mnemax.layers.memory.values import read_expanded_values
+from mnemax.layers.roles import param_roles
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.loop import train
-from mnemax.trainer.optimizer import OptimizerConfig, _param_groups
+from mnemax.trainer.optimizer import param_groups
 from mnemax.trainer.setup import build_program
 from tests.conftest import SMALL
 from tests.test_train import read_metrics
@@ -110,13 +111,17 @@ def test_sharded_value_table_equals_unsharded(sharding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_value_tables_form_their_own_optimizer_group():
-    params = {"layer_1": {"memory": {"values": 0, "gate": 0}}, "memory_values": 0,
-              "layer_0": {"mlp": {"down": 0}, "memory": {"expert_down": 0}}}
-    labels = _param_groups(OptimizerConfig())(params)
-    assert labels["memory_values"] == "sparse"
-    assert labels["layer_1"]["memory"] == {"values": "sparse", "gate": "dense"}
-    assert labels["layer_0"] == {"mlp": {"down": "dense"}, "memory": {"expert_down": "sparse"}}
+@pytest.mark.parametrize("name, sparse", [
+    ("memory_plus_tiny", {"memory_values"}),
+    ("peer_tiny", {"layer_1/memory/values", "layer_1/memory/expert_down"}),
+])
+def test_value_tables_form_their_own_optimizer_group(name, sparse):
+    model = small_memory_recipe(name).model.build()
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    groups = param_groups(param_roles(boxed["params"]))
+    labels = {"/".join(k.key for k in path): group
+              for path, group in jax.tree_util.tree_leaves_with_path(groups)}
+    assert {path for path, group in labels.items() if group == "sparse"} == sparse
 
 
 @pytest.mark.parametrize("name", [*VARIANTS, "ultramemv2_tiny"])
@@ -198,3 +203,107 @@ def test_unknown_or_inapplicable_init_is_a_config_error():
         MemoryConfig(variant="peer", init="ultramemv2").validate(64, 2)
     with pytest.raises(ConfigError, match="memory_plus / gated=true is not covered"):
         load_recipe("memory_plus_tiny", ["model.memory.init=ultramemv2"]).model.build()
+
+
+# Query norms and causality (issue 10, item 9). The recipes normalise each token's query alone;
+# `batchnorm` (statistics over batch and time) is kept as an option and shown to leak.
+
+
+def _logits_after_changing(recipe, t: int, params=None):
+    """Logits `[2, 32, V]` of the recipe's model on two sequences, and again after replacing every
+    token at positions > t in both sequences and, separately, all of sequence 1; and the params
+    (initialised unless given)."""
+    model = recipe.model.build()
+    vocab = recipe.model.vocab_size
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, vocab)
+    later = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % vocab)  # every later token differs
+    other = tokens.at[1].set((tokens[1] + 1) % vocab)
+    params = model.init(jax.random.key(1), tokens) if params is None else params
+    logits = jax.jit(lambda x: model.apply(params, x)[0])
+    return logits(tokens), logits(later), logits(other), params
+
+
+@pytest.mark.parametrize("name", ["pkm_tiny", "peer_tiny"])
+def test_memory_recipes_are_causal_and_batchnorm_is_not(name):
+    """The memory as the recipe configures it (its query norm; the sizes shrunk): a token's
+    logits do not see later tokens or the other sequences of the batch.
+
+    Tolerance 0 (bitwise): one compiled program computes the logits of position s <= t from
+    tokens <= s by the same fp32 operations on the same values in both calls; the only place the
+    later tokens enter is causal attention, where their probabilities are exp(-large) = 0.0
+    exactly, and 0.0 * v adds nothing. Any leak, however small, fails.
+    """
+    t = 15
+    recipe = small_memory_recipe(name)
+    assert recipe.model.memory.query_norm in ("layernorm", "rmsnorm")
+    base, later, other, params = _logits_after_changing(recipe, t)
+    assert float(jnp.max(jnp.abs(later[:, t + 1:] - base[:, t + 1:]))) > 1e-2  # they did change
+    np.testing.assert_array_equal(later[:, :t + 1], base[:, :t + 1])
+    np.testing.assert_array_equal(other[0], base[0])
+
+    # The same model (the norm has no parameters) with batch statistics: positions <= t and
+    # sequence 0 move by 0.4-0.6 (pkm: 0.42 and 0.46, peer: 0.49 and 0.61; logits are ~0.7), far
+    # beyond fp32 rounding (~1e-7): the test has teeth.
+    base, later, other, _ = _logits_after_changing(
+        small_memory_recipe(name, "model.memory.query_norm=batchnorm"), t, params)
+    assert float(jnp.max(jnp.abs(later[:, :t + 1] - base[:, :t + 1]))) > 1e-2
+    assert float(jnp.max(jnp.abs(other[0] - base[0]))) > 1e-2
+
+
+def _train_three_steps(program, start, batches):
+    """Per-step (loss, grad_norm), the state after step 0 and after the last step."""
+    state = jax.device_put(start, program.state_shardings)
+    metrics, states = [], []
+    for batch in batches:
+        state, m = program.train_step(state, program.global_batch(batch))
+        metrics.append((float(m["loss"]), float(m["grad_norm"]), float(m["lr"])))
+        states.append(jax.device_get(state))
+    return np.array(metrics), states[0], states[-1]
+
+
+def test_pkm_grad_accum_equals_one_batch():
+    """`pkm_tiny` (its per-token query norm; sizes shrunk, fp32) with run.grad_accum=2 trains as
+    one batch of 16: same losses, gradient norms, gradients and parameters.
+
+    Tolerances, from fp32 summation in another order (eps = 6e-8): each token's forward is the
+    computation up to matmul blocking (a few eps per token), so the losses (means of 512
+    positive per-token terms, as one sum or two halves) agree to ~log2(512) eps = 5e-7
+    relative: rtol 2e-6 (measured 8e-8). A gradient entry is a sum over the 512 tokens; its
+    error is <= ~9 eps times the sum of the terms' magnitudes, which with terms of mixed sign is
+    up to sqrt(512) ~ 22x the gradient's norm: rtol 1e-5 on the norm of all gradients (measured
+    0) and of each parameter's (measured 9e-7). Step 0 has lr = 0 (warm-up), so its Adam state
+    (mu = 0.1 g, nu = 0.05 g^2) is the gradients themselves, scale included, which Adam's update
+    would hide. Then two updates of lr 1.5e-2 and 3e-2 (value tables; 10x less for the rest)
+    move a parameter by lr x m/sqrt(v), which a relative gradient error d changes by ~2d: atol
+    1e-6 allows d ~ 1e-5 in a value row, 1e-4 elsewhere (measured 9e-8, one ulp).
+    With query_norm=batchnorm every check fails: step-0 loss 9e-5 relative apart (5.78086 vs
+    5.78139), grad_norm 8e-3, a parameter's gradient 0.77, parameters 0.08 after three steps.
+    """
+    programs = [build_program(small_memory_recipe("pkm_tiny", f"run.grad_accum={accum}"),
+                              jax.devices()[:1]) for accum in (1, 2)]
+    start = jax.device_get(programs[0].init(jax.random.key(0)))
+    batches = np.random.default_rng(0).integers(0, 320, (3, 16, 33), dtype=np.int32)
+    (one, one_first, one_last), (accum, accum_first, accum_last) = (
+        _train_three_steps(program, start, batches) for program in programs)
+
+    assert one[0, 2] == 0.0 and one[1, 2] > 0.0  # step 0 applies nothing; step 1 does
+    np.testing.assert_allclose(accum[:, 0], one[:, 0], rtol=2e-6)  # losses
+    np.testing.assert_allclose(accum[:, 1], one[:, 1], rtol=1e-5)  # gradient norms
+    assert one[2, 0] != one[0, 0]  # the params moved, so equal losses below mean something
+    for a, b in zip(jax.tree.leaves(accum_first.opt_state), jax.tree.leaves(one_first.opt_state),
+                    strict=True):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), (a.shape, a - b)
+    for a, b in zip(jax.tree.leaves(accum_last.params), jax.tree.leaves(one_last.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_batchnorm_query_norm_cannot_decode():
+    with pytest.raises(ValueError, match=r"memory\.query_norm=batchnorm .* statistics over the "
+                                         r"batch and time.* cannot decode.*memory\.query_norm="
+                                         r"layernorm or rmsnorm"):
+        MemoryConfig(query_norm="batchnorm").check_decodable()
+    for norm in ("none", "layernorm", "rmsnorm"):
+        MemoryConfig(query_norm=norm).check_decodable()
+    for name in VARIANTS:  # every memory recipe can decode
+        load_recipe(name).model.memory.check_decodable()

@@ -58,10 +58,11 @@ def test_formula_divides_by_tensor_and_moves_offloaded_state_to_host():
     # float8 moments (1 byte) over 4 devices, with 0.125 bytes of replicated scales per param.
     assert zero_formula_bytes(1000, 1, mesh, moment_bytes=1,
                               replicated_opt_bytes_per_param=0.125)["opt_state_bytes"] == 375.0
-    # Stage 3: N = fsdp = 2; bfloat16 moments (2 bytes each) kept in host memory.
+    # Stage 3: params over fsdp = 2, grads and bfloat16 moments over data x fsdp = 4, moments
+    # in host memory.
     assert zero_formula_bytes(1000, 3, mesh, moment_bytes=2, offload_optimizer=True) == {
-        "params_bytes": 1000.0, "grads_bytes": 1000.0, "opt_state_bytes": 0.0,
-        "host_opt_state_bytes": 1000.0}
+        "params_bytes": 1000.0, "grads_bytes": 500.0, "opt_state_bytes": 0.0,
+        "host_opt_state_bytes": 500.0}
 
 
 def test_show_json_reports_compiled_grads_activations_and_peak():
@@ -93,8 +94,8 @@ def test_compiled_gradient_bytes_match_shardings_and_formula(stage):
     formula = zero_formula_bytes(program.param_count, stage, dict(program.mesh.shape))
     assert grads == pytest.approx(state_bytes(program)["grads_bytes"], rel=0.05)
     assert grads == pytest.approx(formula["grads_bytes"], rel=0.05)
-    # Stage 1 keeps whole gradients on each device; stage 3 splits them over fsdp = 4.
-    assert grads == pytest.approx(4 * 115_008 / (1 if stage == 1 else 4), rel=0.05)
+    # Stage 1 keeps whole gradients on each device; stage 3 splits them over data x fsdp = 8.
+    assert grads == pytest.approx(4 * 115_008 / (1 if stage == 1 else 8), rel=0.05)
 
 
 def test_full_remat_keeps_fewer_activations():
@@ -110,3 +111,4 @@ def test_offloaded_optimizer_state_is_reported_as_host_bytes():
     assert sharded["host_opt_state_bytes"] == pytest.approx(
         on_device["opt_state_bytes"], abs=64)
     assert sharded["host_opt_state_bytes"] == pytest.approx(8 * 115_008 / 8, rel=0.05)
+

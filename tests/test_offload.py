@@ -20,11 +20,9 @@ import pytest
 from mnemax.errors import ConfigError
 from mnemax.layers.checkpoint_names import ALL_NAMES
 from mnemax.parallel.remat import remat_options
-from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
 from mnemax.trainer.setup import build_program, check_host_memory
-from tests.conftest import SMALL
-from tests.test_sharding import _run
+from tests.equivalence import assert_same_run, small_run
 
 MESH = "strategy.mesh=data:2,fsdp:4"
 SAVED = "attn_out,mlp_hidden"
@@ -132,43 +130,27 @@ def test_offload_names_lower_to_host_copies_for_cuda(small_recipe):
     assert set(tagged) <= set(_placements(text, "device"))
 
 
-@pytest.fixture(scope="module")
-def base_run():
-    """3 steps on data:2,fsdp:4 at ZeRO 0 with state on the device, run once per module."""
-    return _run(load_recipe("tiny", [*SMALL, MESH]))
-
-
-def _assert_same_run(run, base):
-    np.testing.assert_allclose(run[0], base[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(run[1]), jax.tree.leaves(base[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_offloaded_optimizer_state_trains_like_device_state_at_stage0(small_recipe, base_run):
-    assert base_run[0][-1] != base_run[0][0]  # the params moved, so equality means something
-    run = _run(small_recipe(MESH, "strategy.offload_optimizer=true"))
-    _assert_same_run(run, base_run)
-    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(run[2].opt_state)}
+def test_offloaded_optimizer_state_trains_like_device_state_at_stage0(small_recipe):
+    run = small_run(MESH, "strategy.offload_optimizer=true")
+    assert_same_run(run, small_run(MESH))
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(run.state.opt_state)}
     assert kinds == {"pinned_host"}
-    assert {p.sharding.memory_kind for p in jax.tree.leaves(run[2].params)} == {"device"}
-    assert build_program(small_recipe(MESH, "strategy.offload_optimizer=true")
-                         ).opt_state_memory_kind == "pinned_host"
+    assert {p.sharding.memory_kind for p in jax.tree.leaves(run.state.params)} == {"device"}
+    assert run.program.opt_state_memory_kind == "pinned_host"
     assert build_program(small_recipe(MESH)).opt_state_memory_kind == "device"
 
 
-def test_offload_at_stage2_with_offloaded_activations_and_checkpoint(small_recipe, base_run):
+def test_offload_at_stage2_with_offloaded_activations_and_checkpoint():
     """ZeRO-2 + optimizer offload + activation offload: same 3 steps as the plain stage-0 run;
     the state survives a checkpoint round trip in its pinned-host, ZeRO-sharded layout."""
-    recipe = small_recipe(MESH, "strategy.zero_stage=2", "strategy.offload_optimizer=true",
-                          f"strategy.remat=offload_names:{SAVED}")
-    run = _run(recipe)
-    _assert_same_run(run, base_run)
-    state = run[2]
+    run = small_run(MESH, "strategy.zero_stage=2", "strategy.offload_optimizer=true",
+                    f"strategy.remat=offload_names:{SAVED}")
+    assert_same_run(run, small_run(MESH))
+    state, program = run.state, run.program
     mu = state.opt_state[1].inner_states["dense"].inner_state[0].mu["layers"]["block"]["attn"]["q"]
     assert mu.sharding.memory_kind == "pinned_host"
     assert np.prod(mu.addressable_shards[0].data.shape) * 8 == np.prod(mu.shape)
 
-    program = build_program(recipe)
     with tempfile.TemporaryDirectory() as directory:
         ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
         ckpt.save(3, state, {}, {})

@@ -121,3 +121,57 @@ def test_bad_plan_inputs_name_the_fix():
     assert code == 2 and "memory size 'lots' is not understood" in err
     code, _, err = _main(["plan", "tiny", "--devices", "8", "--device-kind", "tpu9"])
     assert code == 2 and "--device-kind 'tpu9' is unknown" in err
+
+
+def test_measurement_failures_are_classified():
+    import jax
+
+    from mnemax.launch.plan_worker import failure_answer
+
+    assert failure_answer(jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))["kind"] == "oom"
+    assert failure_answer(jax.errors.JaxRuntimeError("INTERNAL: ptxas failed"))["kind"] == (
+        "compile")
+    try:
+        raise TypeError("unsupported operand")
+    except TypeError as err:
+        answer = failure_answer(err)
+    assert answer["kind"] == "error" and "TypeError: unsupported operand" in answer["error"]
+    assert "Traceback" in answer["traceback"]
+
+
+def test_a_planner_defect_is_an_error_not_a_candidate_that_does_not_fit(monkeypatch):
+    from mnemax.launch.plan import PlannerFailure
+    from mnemax.launch.plan_cost import hardware
+    from mnemax.launch.plan_worker import Measurer
+
+    def broken(self, extra, rows):
+        raise TypeError("a bug in the residual trace")
+
+    monkeypatch.setattr(Measurer, "residuals", broken)
+    with pytest.raises(PlannerFailure, match="TypeError: a bug in the residual trace"):
+        plan("tiny", list(SMALL), devices=8, budget=parse_memory("1GB"), hw=hardware("h100"),
+             in_process=True, cache=False)
+
+
+def test_residuals_that_cannot_be_traced_never_count_as_zero_bytes(monkeypatch):
+    """A candidate whose residual trace fails is reported as failing, not estimated with no
+    activations (which ranked it as fitting)."""
+    from mnemax.errors import ConfigError as Refused
+    from mnemax.launch.plan_cost import hardware
+    from mnemax.launch.plan_worker import Measurer
+
+    traced = Measurer.residuals
+
+    def refuse_full(self, extra, rows):
+        if "strategy.remat=full" in extra:
+            raise Refused("cannot trace this one")
+        return traced(self, extra, rows)
+
+    monkeypatch.setattr(Measurer, "residuals", refuse_full)
+    result = plan("tiny", list(SMALL), devices=8, budget=parse_memory("1GB"),
+                  hw=hardware("h100"), in_process=True, cache=False)
+    full = [r for r in result.rows if r["remat"] == "full"]
+    assert full and all(r["fits"] is False and r["est_peak_bytes"] is None
+                        and "cannot trace this one" in r["status"] for r in full)
+    assert result.best is not None and result.best["remat"] != "full"

@@ -10,8 +10,8 @@ import pytest
 from mnemax.errors import ConfigError
 from mnemax.trainer.checkpoint import abstract_with_shardings
 from mnemax.trainer.setup import build_program
+from tests.equivalence import assert_same_run, run_steps, small_run
 from tests.test_memory_layers import small_memory_recipe
-from tests.test_sharding import _run
 
 # Plain tensor parallelism (data:4,tensor:2) is compiled by the collectives test below.
 LAYOUTS = (
@@ -21,30 +21,23 @@ LAYOUTS = (
 )
 
 
-def _assert_same_run(run, base):
-    (losses, params, _), (base_losses, base_params, _) = run, base
-    np.testing.assert_allclose(losses, base_losses, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_tensor_layouts_match_one_device(small_recipe):
-    base = _run(small_recipe(), jax.devices()[:1])
-    assert base[0][-1] != base[0][0]
+def test_tensor_layouts_match_one_device():
+    base = small_run(one_device=True)
     for overrides in LAYOUTS:
-        run = _run(small_recipe(*overrides))
-        _assert_same_run(run, base)
+        run = small_run(*overrides)
+        assert_same_run(run, base)
     # The last layout really splits: heads and MLP hidden over tensor (2), embed over fsdp (2).
-    block = run[2].params["layers"]["block"]
+    params = run.state.params
+    block = params["layers"]["block"]
     assert block["attn"]["q"].addressable_shards[0].data.shape == (2, 32, 2, 16)
     assert block["mlp"]["down"].addressable_shards[0].data.shape == (2, 64, 32)
-    assert run[2].params["embedding"].addressable_shards[0].data.shape == (160, 32)
+    assert params["embedding"].addressable_shards[0].data.shape == (160, 32)
 
 
 def test_memory_model_with_tensor_and_sequence_parallelism():
     # The value table is split over data (dim sharding, by shard_map) beside the tensor axis.
-    base = _run(small_memory_recipe("pkm_tiny"), jax.devices()[:1])
-    _assert_same_run(_run(small_memory_recipe(
+    base = run_steps(small_memory_recipe("pkm_tiny"), jax.devices()[:1])
+    assert_same_run(run_steps(small_memory_recipe(
         "pkm_tiny", "strategy.mesh=data:4,tensor:2", "strategy.sequence_parallel=true")), base)
 
 

@@ -154,8 +154,9 @@ def test_truncated_checkpoint_is_reported(tmp_path, capsys):
     files = [p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
     biggest = max(files, key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"checkpoints/2 could not be read.*Delete .*"
-                                              r"checkpoints/2 to resume from the previous"):
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 could not be read.*damaged.*Move "
+                                              r".*checkpoints/2 out of .* to resume from the "
+                                              r"previous"):
         train(load_recipe("tiny", [*SMALL, "run.steps=4"]), tmp_path)
     args = ["train", "tiny", "--run-dir", str(tmp_path), "--set", "run.steps=4"]
     for item in SMALL:

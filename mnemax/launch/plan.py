@@ -148,6 +148,8 @@ class Planner:
                 kind = InProcessWorker if self.in_process else SubprocessWorker
                 self._worker = kind(self.recipe_arg, self.overrides, self.devices)
             answer = self._worker.ask(request)
+            if answer.get("kind") == "error":
+                raise PlannerFailure(request, answer)
             self.cache.put(request, recipe_json, self.devices, answer)
         self._memo[memo_key] = answer
         return answer
@@ -161,6 +163,12 @@ class Planner:
 
     def run(self) -> PlanResult:
         """Measures, ranks and compiles candidates; returns every row and the chosen one."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> PlanResult:
         data = self.recipe.data
         dp = self.devices // self.tensor
         first = candidates(data.global_batch, self.devices, self.tensor, ("none",))[0]
@@ -182,7 +190,6 @@ class Planner:
         rows = [self._row(c) for c in candidates(data.global_batch, self.devices, self.tensor,
                                                 policies)]
         best = self._search(rows)
-        self.close()
         return PlanResult(rows, best, self.budget, self.devices, self.hw, notes)
 
     def _row(self, cand: Candidate) -> dict[str, Any]:
@@ -200,7 +207,11 @@ class Planner:
                        status=f"params + grads + optimizer state alone "
                               f"{format_bytes(resident)} > budget")
             return row
-        kept, offloaded = self._residuals(cand)
+        try:
+            kept, offloaded = self._residuals(cand)
+        except ResidualsUnavailable as err:
+            row.update(fits=False, status=f"fails to build: {err}")
+            return row
         data = self.recipe.data
         batch = data.global_batch * (data.seq_len + 1) * 4 // (self.devices // self.tensor)
         row["est_peak_bytes"] = resident + kept + batch
@@ -225,17 +236,23 @@ class Planner:
         def traced(remat: str) -> dict[str, Any]:
             base = dataclasses.replace(cand, zero_stage=0, offload_optimizer=False, remat=remat,
                                        mesh=_mesh(self.devices // self.tensor, 1, self.tensor))
-            return self._ask({"op": "residuals", "overrides": base.overrides(), "rows": rows})
+            answer = self._ask({"op": "residuals", "overrides": base.overrides(),
+                                "rows": rows})
+            if "error" in answer:  # never counted as zero bytes
+                raise ResidualsUnavailable(f"tracing the residuals with "
+                                           f"{' '.join(base.overrides())}: {answer['error']}")
+            return answer
 
-        shards = (cand.mesh_shape()["fsdp"] if cand.zero_stage == 3 else 1) * self.tensor
+        # The compute-dtype copy of the parameters is split as the parameters are (by the
+        # ZeRO layout): the candidate's share of the whole parameters.
+        state = self._ask({"op": "state", "overrides": cand.overrides()})
+        share = state["params_bytes"] / state["params_whole_bytes"]
         own = traced(cand.remat)
-        if "error" in own:
-            return 0, 0
-        kept = own["activation_bytes"] // self.tensor + own["cast_bytes"] // shards
+        kept = own["activation_bytes"] // self.tensor + int(own["cast_bytes"] * share)
         if not cand.remat.startswith("offload_names"):
             return kept, 0
         full = traced("full")
-        on_device = full["activation_bytes"] // self.tensor + full["cast_bytes"] // shards
+        on_device = full["activation_bytes"] // self.tensor + int(full["cast_bytes"] * share)
         return on_device, max(kept - on_device, 0)
 
     def _search(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -274,6 +291,20 @@ class Planner:
             else:
                 row.update(fits=False, status=f"compiled peak {format_bytes(peak)} > budget")
         return best
+
+
+class ResidualsUnavailable(Exception):
+    """The backward pass's residuals of a candidate could not be traced."""
+
+
+class PlannerFailure(RuntimeError):
+    """A measurement failed for a reason other than the configuration not building, compiling
+    or fitting: a defect, reported with the worker's traceback rather than as "does not fit"."""
+
+    def __init__(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
+        super().__init__(f"planner measurement {request['op']} with "
+                         f"{' '.join(request['overrides'])} failed: {answer['error']}\n"
+                         f"{answer.get('traceback', '')}")
 
 
 def plan(recipe: str, overrides: list[str], *, devices: int, budget: int, hw: Hardware,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 
 from mnemax.errors import ConfigError
 
@@ -42,10 +41,9 @@ class Hardware:
     @property
     def peak_flops(self) -> float:
         """Dense bf16 peak FLOP/s from `mnemax.trainer.hardware`'s table."""
-        from mnemax.trainer.hardware import peak_flops_per_device
+        from mnemax.trainer.hardware import peak_flops_for_kind
 
-        return peak_flops_per_device(types.SimpleNamespace(platform="gpu",
-                                                           device_kind=self.kind))
+        return peak_flops_for_kind("gpu", self.kind)
 
 
 # NVLink 4 (H100/H200): 900 GB/s both ways; NDR InfiniBand 400 Gb/s per GPU; PCIe 5.0 x16
@@ -151,8 +149,10 @@ def collective_seconds(params: int, stage: int, mesh: dict[str, int], grad_accum
     `tensor`): stage 0 all-reduces the gradients over data x fsdp; stage 1 also all-gathers the
     updated parameters; stage 2 reduce-scatters the gradients and all-gathers the parameters;
     stage 3 all-gathers each layer's parameters over fsdp in the forward and the backward pass
-    and reduce-scatters its gradients, for every micro-batch, and all-reduces the gradient
-    shards over data. Tensor-parallel activation reductions are not counted."""
+    and reduce-scatters its gradients, for every micro-batch, then reduce-scatters the
+    gradient shards over data (`zero_layout` splits gradients and moments over data x fsdp) and
+    all-gathers the updated parameter shards over data: the bytes of one all-reduce over data.
+    Tensor-parallel activation reductions are not counted."""
     g = 4.0 * params / mesh.get("tensor", 1)
     dp = ("data", "fsdp")
     if stage == 0:

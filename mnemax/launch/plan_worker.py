@@ -63,11 +63,16 @@ class Measurer:
         return build_program(load_recipe(self.recipe, [*self.overrides, *extra]), self.devices)
 
     def state(self, extra: list[str]) -> dict[str, Any]:
-        """Device and host bytes of params, grads and optimizer state by shardings."""
+        """Device and host bytes of params, grads and optimizer state by shardings, and the
+        bytes of the whole (unsharded) parameters."""
+        import jax
+
         from mnemax.recipes.summary import state_bytes
 
         program = self._program(extra)
-        return {**state_bytes(program), "params": program.param_count}
+        whole = sum(_aval_bytes(p) for p in jax.tree.leaves(program.abstract_state.params))
+        return {**state_bytes(program), "params": program.param_count,
+                "params_whole_bytes": whole}
 
     def residuals(self, extra: list[str], rows: int) -> dict[str, Any]:
         """Bytes of what the backward pass keeps (the vjp's residuals) for `rows` sequences
@@ -124,10 +129,26 @@ class Measurer:
                 return self.compile(extra)
         except MnemaxError as err:
             return {"error": str(err), "kind": "config"}
-        except Exception as err:  # XLA refusing a configuration is a result, not a crash
-            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
-                    "kind": "compile"}
+        except Exception as err:
+            return failure_answer(err)
         raise ValueError(f"unknown planner request {op!r}")
+
+
+def failure_answer(err: Exception) -> dict[str, Any]:
+    """The answer for a measurement that raised: XLA refusing to compile a configuration or
+    running out of memory is a result (`kind` "compile" or "oom": the candidate does not fit);
+    anything else is a failure of the planner itself (`kind` "error", with the traceback), which
+    the planner reports as an error instead of ranking the candidate as not fitting."""
+    import traceback
+
+    import jax
+
+    first_line = (str(err).splitlines() or [""])[0][:300]
+    message = f"{type(err).__name__}: {first_line}"
+    if isinstance(err, jax.errors.JaxRuntimeError):
+        oom = "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+        return {"error": message, "kind": "oom" if oom else "compile"}
+    return {"error": message, "kind": "error", "traceback": traceback.format_exc()}
 
 
 def _code_fingerprint() -> str:

@@ -140,8 +140,9 @@ class TransformerConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), causal attention.
 
-        6 * (matmul parameters, output projection included) + 6 * L * seq_len * heads * head_dim
-        (QK^T and AV over the causal half of the sequence, as in the PaLM/Chinchilla count).
+        6 * (matmul parameters, output projection included) + 12 * heads * head_dim * the keys
+        each query attends, averaged over positions: (seq_len + 1) / 2 with causal attention (the
+        PaLM/Chinchilla count), min(t + 1, W) at position t in a sliding window of W.
         """
         d, L = self.d_model, self.num_layers
         attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
@@ -151,10 +152,19 @@ class TransformerConfig:
         gdn = sum(self.gdn.flops_per_token(d) for i in range(L) if self.mixer(i) == "gdn")
         memory = (len(self.memory_layers) * memory_flops_per_token(self.memory, d)
                   if self.memory_layers else 0.0)
-        # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, halved by the causal mask.
-        attention = sum(min(seq_len, self.sliding_window if self.mixer(i) == "swa" else seq_len)
-                        for i in attn_layers) * self.num_heads * self.dim_per_head
-        return 6.0 * matmul_params + 6.0 * attention + memory + gdn
+        # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add per key a query attends, x 3 for
+        # forward + backward.
+        keys = sum(mean_keys_attended(seq_len, self.sliding_window if self.mixer(i) == "swa"
+                                      else None) for i in attn_layers)
+        return 6.0 * matmul_params + 12.0 * keys * self.num_heads * self.dim_per_head + memory + gdn
+
+
+def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
+    """Keys a causal query attends, averaged over positions t = 0..seq_len-1: t + 1, or
+    min(t + 1, window) in a sliding window (the window counts the query itself)."""
+    w = seq_len if window is None else min(window, seq_len)
+    # Positions t < w see t + 1 keys; the seq_len - w later ones see w each.
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
 # The residual stream between blocks `[batch, time, embed]`.
@@ -260,10 +270,14 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
+        scanned = cfg.scan_layers and cfg.uniform_blocks
         block = DecoderBlock
         if self.remat:
-            block = nn.remat(block, policy=self.remat_policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers and cfg.uniform_blocks:
+            # Inside nn.scan the loop boundary already keeps XLA from merging the backward
+            # pass's recomputation with the forward pass; blocks run in a Python loop need
+            # prevent_cse, or CSE undoes the remat and every activation is kept.
+            block = nn.remat(block, policy=self.remat_policy, prevent_cse=not scanned)
+        if scanned:
             stack = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0},

@@ -80,31 +80,6 @@ def check_zero_stage(zero_stage: int, mesh: Mesh) -> None:
         )
 
 
-def zero_partition(abstract_tree: Any, shardings: Any) -> Any:
-    """Shardings that split each leaf over the data-parallel axes (data x fsdp) as ZeRO 1/2 do.
-
-    Each leaf is split along its largest dimension that is not sharded yet and that the
-    data-parallel degree divides; leaves with no such dimension (scalars, odd sizes) keep their
-    sharding.
-    """
-
-    def split(leaf, sharding: NamedSharding) -> NamedSharding:
-        mesh = sharding.mesh
-        ways = data_parallel_size(mesh)
-        spec = list(sharding.spec) + [None] * (leaf.ndim - len(sharding.spec))
-        used = {a for s in spec if s is not None for a in ((s,) if isinstance(s, str) else s)}
-        if ways == 1 or used & {"data", "fsdp"}:
-            return sharding
-        free = [d for d in range(leaf.ndim) if spec[d] is None and leaf.shape[d] % ways == 0]
-        if not free:
-            return sharding
-        dim = max(free, key=lambda d: leaf.shape[d])
-        spec[dim] = ("data", "fsdp")
-        return NamedSharding(mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
-
-    return jax.tree.map(split, abstract_tree, shardings)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches `[batch, ...]` are split over data and fsdp."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

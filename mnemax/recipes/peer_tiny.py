@@ -8,4 +8,7 @@ from mnemax.recipes._memory_tiny import tiny_with_memory
 def recipe():
     return tiny_with_memory("peer_tiny", MemoryConfig(
         variant="peer", num_rows=128**2, num_heads=4, topk=16, key_dim=64,
-        query_norm="batchnorm", layers=(2,), mode="replace"))
+        # Per-token LayerNorm, not PKM's BatchNorm (non-causal, changes with run.grad_accum,
+        # cannot decode): like BatchNorm it centres and scales each query to unit variance,
+        # which RMSNorm (scale only) does not. See pkm_tiny.
+        query_norm="layernorm", layers=(2,), mode="replace"))

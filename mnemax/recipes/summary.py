@@ -36,9 +36,10 @@ def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
                        moment_bytes: int = 4, offload_optimizer: bool = False,
                        replicated_opt_bytes_per_param: float = 0.0) -> dict[str, float]:
     """ZeRO's per-device model-state bytes with fp32 params and grads and Adam's two moments
-    (Rajbhandari et al. 2020 with K = 8 for fp32 moments): stage 0: 16 Psi; 1: 8 Psi + 8 Psi / N;
-    2: 4 Psi + 12 Psi / N; 3: 16 Psi / N (N = the degree of the axes each stage shards over:
-    data x fsdp for 1 and 2, fsdp for 3, whose parameters FSDP splits).
+    (Rajbhandari et al. 2020 with K = 8 for fp32 moments), N = data x fsdp (every
+    data-parallel device), F = fsdp: stage 0: 16 Psi; 1: 8 Psi + 8 Psi / N;
+    2: 4 Psi + 12 Psi / N; 3: 4 Psi / F + 12 Psi / N (parameters split over fsdp only, gradients
+    and moments over all N, as `mnemax.parallel.zero.zero_layout` lays them out).
 
     With a `tensor` axis of size T > 1 every term is divided by T too (tensor parallelism splits
     the weights, hence their gradients and moments; the few replicated norms are ignored).
@@ -47,7 +48,7 @@ def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
     per-group scales and exponents); with `offload_optimizer` the optimizer state is counted in
     `host_opt_state_bytes` instead.
     """
-    n = mesh_shape["data"] * mesh_shape["fsdp"] if stage in (1, 2) else mesh_shape["fsdp"]
+    n = mesh_shape["data"] * mesh_shape["fsdp"]
     t = mesh_shape.get("tensor", 1)
     p, g, o = 4.0 * params / t, 4.0 * params / t, 2.0 * moment_bytes * params / t
     if stage >= 1:
@@ -55,7 +56,7 @@ def zero_formula_bytes(params: int, stage: int, mesh_shape: dict[str, int], *,
     if stage >= 2:
         g /= n
     if stage >= 3:
-        p /= n
+        p /= mesh_shape["fsdp"]
     o += replicated_opt_bytes_per_param * params
     host = 0.0
     if offload_optimizer:
@@ -117,7 +118,7 @@ def memory_stats(compiled: Any) -> dict[str, int]:
 
 def compiled_gradient_memory(program: Any) -> dict[str, int]:
     """XLA's per-device bytes for `jax.grad` of the loss on one micro-batch `[rows, seq_len]`,
-    with the params' shardings in and the gradients' shardings out (ZeRO 2 reduce-scatters):
+    with the params' shardings in and the gradients' shardings out (ZeRO 2 and 3 reduce-scatter):
     outputs = this device's gradients, temp = activations (residuals + workspace)."""
     import jax
     import jax.numpy as jnp

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mnemax.errors import CheckpointError
@@ -83,15 +85,37 @@ class Checkpointer:
                     recipe=ocp.args.JsonRestore(),
                 ),
             )
-        except Exception as err:  # orbax/tensorstore raise many types for damaged files
-            reason = " ".join(str(err).split())[:300]
-            raise CheckpointError(
-                f"checkpoint {path} could not be read ({type(err).__name__}: {reason}). It is "
-                f"damaged or was written by a different model. Delete {path} to resume from the "
-                "previous checkpoint, or start in a new --run-dir, or set checkpoint.resume=false "
-                "to start over in this directory"
-            ) from err
+        except Exception as err:  # orbax/tensorstore raise many types
+            raise self._restore_error(path, abstract_state, err) from err
         return restored.state, restored.data, restored.recipe
+
+    @staticmethod
+    def _restore_error(path: Path, abstract_state: Any, err: Exception) -> CheckpointError:
+        """Says why checkpoint `path` could not be restored into `abstract_state`: arrays of
+        other shapes than the recipe builds (another model, optimizer or mnemax version: the
+        checkpoint is good) or, when its arrays are the ones expected, damaged files."""
+        reason = " ".join(str(err).split())[:300]
+        try:
+            saved = ocp.StandardCheckpointer().metadata(path / "state").item_metadata.tree
+            saved_arrays = _array_signature(saved)
+        except Exception:  # the metadata itself is unreadable: damaged
+            saved_arrays = None
+        expected = _array_signature(abstract_state)
+        if saved_arrays is not None and saved_arrays != expected:
+            missing = list((Counter(expected) - Counter(saved_arrays)).elements())[:3]
+            extra = list((Counter(saved_arrays) - Counter(expected)).elements())[:3]
+            return CheckpointError(
+                f"checkpoint {path} holds a different train state than this recipe builds "
+                f"({len(saved_arrays)} arrays saved, {len(expected)} expected; the recipe needs "
+                f"{missing or 'nothing new'}, the checkpoint has {extra or 'nothing else'}): it "
+                "was written by another model or optimizer configuration, or another mnemax "
+                "version. Set the recipe back, or train in a new --run-dir"
+            )
+        return CheckpointError(
+            f"checkpoint {path} could not be read ({type(err).__name__}: {reason}). Its files "
+            f"are damaged (a save that was cut short, or a truncated copy). Move {path} out of "
+            f"{path.parent} to resume from the previous checkpoint, or start in a new --run-dir"
+        )
 
     def saved_recipe(self, step: int) -> dict | None:
         """The recipe stored with checkpoint `step`, read without touching the arrays."""
@@ -110,6 +134,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _array_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    """Sorted (shape, dtype) of the arrays in a state tree or in a checkpoint's metadata tree:
+    what must agree for a restore, whatever containers hold them."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for x in leaves)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

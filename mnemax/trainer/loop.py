@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -72,25 +73,71 @@ def evaluate_params(program: TrainProgram, params: Any, batches: list[np.ndarray
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _model_section(recipe_dict: dict) -> dict:
-    """The model part of a recipe as JSON would give it back (tuples become lists)."""
-    return json.loads(json.dumps(recipe_dict.get("model", {})))
+def _json(value: Any) -> Any:
+    """A value as JSON gives it back (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _state_shape_fields(recipe_dict: dict) -> dict[str, Any]:
+    """The recipe fields that decide the train state's tree (which arrays, of which shapes):
+    every model field, and the optimizer fields that add or remove optimizer state (clipping
+    on or off, the optimizer, the moments' storage)."""
+    fields = {f"model.{k}": v for k, v in _json(recipe_dict.get("model", {})).items()}
+    opt = recipe_dict.get("optimizer", {})
+    fields["optimizer.name"] = opt.get("name", "adamw")
+    fields["optimizer.clip_norm > 0"] = bool(opt.get("clip_norm", 1.0) > 0)
+    fields["optimizer.moments_dtype"] = opt.get("moments_dtype", "float32")
+    if fields["optimizer.moments_dtype"].startswith("float8"):
+        fields["optimizer.moments_group_size"] = opt.get("moments_group_size", 128)
+    return fields
+
+
+def check_same_state(saved: dict, recipe: Recipe, step: int, directory: Path) -> None:
+    """Raises CheckpointError naming each recipe field whose change gives the train state
+    another tree than the one checkpoint `step` holds (a changed model or optimizer state)."""
+    before, now = _state_shape_fields(saved), _state_shape_fields(recipe_to_dict(recipe))
+    changed = [f"{k}: checkpoint {before.get(k)!r} vs recipe {v!r}" for k, v in now.items()
+               if before.get(k) != v]
+    if changed:
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {directory} was written with a different model "
+            f"or optimizer state ({', '.join(changed)}). Use a new --run-dir for the new "
+            "configuration, or set the recipe back"
+        )
 
 
 def _restore(program: TrainProgram, ckpt: Checkpointer, step: int, recipe: Recipe):
     saved = ckpt.saved_recipe(step)
-    if saved is not None and _model_section(saved) != _model_section(recipe_to_dict(recipe)):
-        current = _model_section(recipe_to_dict(recipe))
-        diff = {k: (saved["model"].get(k), v) for k, v in current.items()
-                if saved["model"].get(k) != v}
-        changes = ", ".join(f"model.{k}: checkpoint {a!r} vs recipe {b!r}"
-                            for k, (a, b) in diff.items())
-        raise CheckpointError(
-            f"the checkpoint at step {step} in {ckpt.directory} was written by a different model "
-            f"({changes}). Use a new --run-dir for the new model, or set the recipe back"
-        )
+    if saved is not None:
+        check_same_state(saved, recipe, step, ckpt.directory)
     target = abstract_with_shardings(program.abstract_state, program.state_shardings)
     return ckpt.restore(step, target)
+
+
+def resume_schedule(recipe: Recipe, saved: dict | None, console: Console) -> Recipe:
+    """The recipe with its learning-rate schedule fixed to the one the run started with.
+
+    `schedule.decay_steps=None` means "decay over run.steps"; a resume with a larger
+    `run.steps` must not stretch the decay of a run already under way (the lr would jump back
+    up). So the schedule's end is recorded in every checkpoint (the saved recipe's
+    `schedule.decay_steps`, resolved) and a resume keeps it, staying at the final lr after it,
+    unless the recipe gives `schedule.decay_steps` itself.
+    """
+    if recipe.schedule.decay_steps is not None:
+        return recipe
+    end = None
+    if saved is not None:
+        schedule = saved.get("schedule", {})
+        end = schedule.get("decay_steps") or saved.get("run", {}).get("steps")
+    if end is None:
+        end = recipe.run.steps
+    elif end != recipe.run.steps:
+        console.print(
+            f"keeping the checkpoint's learning-rate schedule: decay ends at step {end} "
+            f"(run.steps={recipe.run.steps}; after step {end} the lr stays at its final "
+            "value); set schedule.decay_steps to change it")
+    return dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule,
+                                                                    decay_steps=end))
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None,
@@ -99,6 +146,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
     console = console or Console(highlight=False)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
+    latest = ckpt.latest_step() if recipe.checkpoint.resume else None
+    recipe = resume_schedule(recipe, ckpt.saved_recipe(latest) if latest is not None else None,
+                             console)
     recipe_dict = recipe_to_dict(recipe)
     (run_dir / "recipe.json").write_text(json.dumps(recipe_dict, indent=2) + "\n")
 
@@ -111,10 +162,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
                    if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
-    ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
     writer = MetricsWriter(run_dir, tensorboard=jax.process_index() == 0)
 
-    latest = ckpt.latest_step() if recipe.checkpoint.resume else None
     if latest is not None:
         state, data_state, _ = _restore(program, ckpt, latest, recipe)
         data.set_state(data_state)
@@ -184,9 +233,16 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                 status = "halted_nonfinite"
                 break
             elapsed = time.perf_counter() - interval_start
+            # The state is at `step` now: evaluate it at every multiple of eval.every and at the
+            # end, whether or not the step is also a logging step.
+            eval_due = bool(val_batches) and (step % recipe.eval.every == 0
+                                              or step == run.steps)
+            evaluation = evaluate_params(program, state.params, val_batches) if eval_due else {}
+            logged = False
             for s, m in host:
                 if s % run.log_every and s != run.steps:
                     continue
+                logged = logged or s == step
                 record = {"step": s, **{k: float(v) for k, v in m.items()}}
                 if interval_steps > 0 and s == host[-1][0]:
                     step_time = elapsed / interval_steps
@@ -196,11 +252,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                     peak_mem = peak_memory_bytes()
                     if peak_mem is not None:
                         record["peak_memory_gb"] = peak_mem / 1e9
-                if recipe.eval.every and s % recipe.eval.every == 0 and val_batches:
-                    record.update(evaluate_params(program, state.params, val_batches))
+                if s == step:
+                    record.update(evaluation)
                 writer.write(record)
                 console.print(format_train_line(record, run.steps) + (
                     f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+            if evaluation and not logged:
+                writer.write({"step": step, **evaluation})
+                console.print(f"step {step}/{run.steps} | eval {evaluation['eval_loss']:.4f}")
             interval_start, interval_steps = time.perf_counter(), 0
 
             if stop.received is not None:

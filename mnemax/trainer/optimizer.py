@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import optax
 
 from mnemax.errors import ConfigError
+from mnemax.layers.roles import DECAYED_ROLES, SPARSE_ROLES
 from mnemax.trainer.compressed_adam import check_moments, scale_by_compressed_adam
 
 
@@ -20,11 +22,14 @@ class OptimizerConfig:
     b1: float = 0.9  # first-moment decay
     b2: float = 0.95  # second-moment decay
     eps: float = 1e-8  # denominator epsilon
-    weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only (ndim >= 2)
+    # Decoupled weight decay, on parameters whose role is `matrix` (projections, embeddings;
+    # not norm gains, biases, gates, decay parameters, product keys or Tucker cores: see
+    # mnemax/layers/roles.py).
+    weight_decay: float = 0.1
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables clipping
-    # Sparsely updated tables (memory values): their own learning rate and no weight decay.
-    sparse_params: tuple[str, ...] = ("values", "memory_values", "expert_down")  # param names
-    sparse_learning_rate: float | None = None  # peak lr of sparse_params; None = learning_rate
+    # Peak lr of the sparsely updated tables (role `table`: memory values), which get no weight
+    # decay; None = learning_rate.
+    sparse_learning_rate: float | None = None
     # Storage of Adam's two moments between steps: float32 | bfloat16 | float8_e4m3 (COAT,
     # Xi et al. 2025: per-group scale and dynamic range expansion; see compressed_adam.py).
     moments_dtype: str = "float32"
@@ -62,24 +67,23 @@ def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def _decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(roles: Any) -> Any:
+    """True for the parameters weight decay applies to, from the params' tree of roles."""
+    return jax.tree.map(lambda role: role in DECAYED_ROLES, roles)
 
 
-def _param_groups(opt: OptimizerConfig):
-    """Labels each parameter `sparse` (its name is in `opt.sparse_params`) or `dense`."""
-
-    def label(path, _leaf):
-        name = getattr(path[-1], "key", getattr(path[-1], "name", None))
-        return "sparse" if name in opt.sparse_params else "dense"
-
-    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+def param_groups(roles: Any) -> Any:
+    """`sparse` for the parameters trained at `sparse_learning_rate` (role `table`), else
+    `dense`."""
+    return jax.tree.map(lambda role: "sparse" if role in SPARSE_ROLES else "dense", roles)
 
 
-def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule) with weight decay on matrices only; parameters named
-    in `opt.sparse_params` get Adam without weight decay at `sparse_learning_rate` (same schedule
-    shape), as product-key memories are trained (Lample et al. 2019).
+def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule,
+                   roles: Any) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW(schedule) with weight decay on the parameters whose role is
+    `matrix`; the sparse tables (role `table`) get Adam without weight decay at
+    `sparse_learning_rate` (same schedule shape), as product-key memories are trained (Lample et
+    al. 2019). `roles` is the params' tree of roles (`mnemax.layers.roles.param_roles`).
 
     With `opt.moments_dtype` bfloat16 or float8_e4m3 both groups keep their moments compressed
     (`scale_by_compressed_adam`, composed as `optax.adamw` composes `scale_by_adam`); float32
@@ -97,15 +101,15 @@ def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.Grad
 
     if opt.moments_dtype == "float32":
         dense = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                            weight_decay=opt.weight_decay, mask=_decay_mask)
+                            weight_decay=opt.weight_decay, mask=decay_mask(roles))
         sparse = optax.adam(sparse_schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     else:
         def adam():
             return scale_by_compressed_adam(opt.b1, opt.b2, opt.eps, opt.moments_dtype,
                                             opt.moments_group_size)
 
-        dense = optax.chain(adam(), optax.add_decayed_weights(opt.weight_decay, _decay_mask),
+        dense = optax.chain(adam(), optax.add_decayed_weights(opt.weight_decay, decay_mask(roles)),
                             optax.scale_by_learning_rate(schedule))
         sparse = optax.chain(adam(), optax.scale_by_learning_rate(sparse_schedule))
-    parts.append(optax.multi_transform({"dense": dense, "sparse": sparse}, _param_groups(opt)))
+    parts.append(optax.multi_transform({"dense": dense, "sparse": sparse}, param_groups(roles)))
     return optax.chain(*parts)

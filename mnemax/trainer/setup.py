@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
+from mnemax.layers.roles import param_roles
 from mnemax.parallel.mesh import make_mesh
 from mnemax.parallel.remat import HOST_MEMORY_KIND, remat_options
 from mnemax.parallel.rules import logical_axis_rules
@@ -28,8 +29,8 @@ from mnemax.parallel.sharding import (
     check_divisible,
     check_zero_stage,
     logical_shardings,
-    zero_partition,
 )
+from mnemax.parallel.zero import zero_layout
 from mnemax.recipes.schema import Recipe
 from mnemax.trainer.optimizer import make_optimizer, make_schedule
 from mnemax.trainer.step import TrainState, make_eval_step, make_loss_fn, make_train_step
@@ -54,6 +55,8 @@ class TrainProgram:
     train_step: Callable  # (state, batch) -> (state, metrics); donates state
     eval_step: Callable  # (params, batch) -> mean cross entropy
     loss_fn: Callable  # (params, inputs, targets) -> (objective, metrics), as the step uses it
+    tx: optax.GradientTransformation  # the optimizer the step applies
+    roles: Any  # the params' tree of roles (mnemax.layers.roles): decay and learning-rate groups
 
     @property
     def param_count(self) -> int:
@@ -148,7 +151,6 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
         raise ConfigError(str(err)) from None
 
     schedule = make_schedule(recipe.optimizer, recipe.schedule, recipe.run.steps)
-    tx = make_optimizer(recipe.optimizer, schedule)
     sample = jnp.zeros((1, recipe.data.seq_len), jnp.int32)
 
     def init_boxed_params(rng):
@@ -156,20 +158,18 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
             return model.init(rng, sample)["params"]
 
     boxed_params = jax.eval_shape(init_boxed_params, jax.random.key(0))
+    roles = param_roles(boxed_params)
+    tx = make_optimizer(recipe.optimizer, schedule, roles)
     param_shardings = logical_shardings(boxed_params, mesh, rules)
     abstract_params = nn.unbox(boxed_params)
     check_divisible(abstract_params, param_shardings, what="parameter")
 
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # ZeRO 1/2 keep parameters replicated but split optimizer state (and at stage 2 gradients)
-    # over the data-parallel devices; stage 3 already shards everything through the rules.
-    stage = strategy.zero_stage
-    partitioned = (zero_partition(abstract_params, param_shardings) if stage in (1, 2)
-                   else param_shardings)
-    grad_shardings = partitioned if stage == 2 else param_shardings
-    opt_shardings = follow_param_shardings(abstract_opt, abstract_params, partitioned,
-                                           replicated)
+    layout = zero_layout(strategy.zero_stage, abstract_params, param_shardings)
+    grad_shardings = layout.grads
+    opt_shardings = follow_param_shardings(abstract_opt, abstract_params,
+                                           layout.opt_state_like_params, replicated)
     # Optimizer-state offload (as MaxText's optimizer_memory_host_offload): the state lives in
     # pinned host memory with its ZeRO layout; the step brings it to the device for the update.
     host_opt_shardings = None
@@ -178,7 +178,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND),
                                      opt_shardings)
         host_opt_shardings = opt_shardings
-    state_shardings = TrainState(step=replicated, params=param_shardings,
+    state_shardings = TrainState(step=replicated, params=layout.params,
                                  opt_state=opt_shardings)
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
@@ -195,7 +195,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     step_fn = make_train_step(loss_fn, tx, schedule, grad_accum=recipe.run.grad_accum,
                               skip_nonfinite=recipe.run.nan_policy == "skip",
                               micro_batch_sharding=micro_sh,
-                              grad_shardings=grad_shardings if stage == 2 else None,
+                              grad_shardings=grad_shardings,
                               host_opt_shardings=host_opt_shardings)
 
     with jax.set_mesh(mesh):
@@ -210,7 +210,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
         abstract_state=abstract_state, state_shardings=state_shardings,
         grad_shardings=grad_shardings, batch_sharding=batch_sh,
         init=_in_mesh(jit_init, mesh), train_step=_in_mesh(jit_step, mesh),
-        eval_step=_in_mesh(jit_eval, mesh), loss_fn=loss_fn,
+        eval_step=_in_mesh(jit_eval, mesh), loss_fn=loss_fn, tx=tx, roles=roles,
     )
 
 

@@ -76,8 +76,9 @@ def make_train_step(
     moves between devices) and gradients are summed in fp32 by a `lax.scan`.
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the params and
     optimizer state unchanged (the step counter still advances).
-    `grad_shardings` (ZeRO 2) lays the summed gradients out sharded, so the data-parallel
-    reduction is a reduce-scatter and no device holds the full gradients.
+    `grad_shardings` (the ZeRO layout of the gradients) lays the summed gradients out sharded
+    from stage 2 on, so the data-parallel reduction is a reduce-scatter and no device holds the
+    full gradients.
     `host_opt_shardings` (optimizer-state offload) are the state's shardings in pinned host
     memory: the state is moved to device memory with the same layout for the update and the
     new state back to the host (MaxText's optimizer_memory_host_offload).
@@ -126,11 +127,21 @@ def make_train_step(
         if host_opt_shardings is not None:
             opt_state = jax.device_put(opt_state, host_opt_shardings)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(optimizer_step(old_opt_state,
+                                                                         state.step)),
                        finite=finite.astype(jnp.float32))
         return new_state, metrics
 
     return train_step
+
+
+def optimizer_step(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The step count optax's schedule reads in `opt_state` (the lr of the update about to be
+    applied is `schedule(count)`); `default` when the state has none. With
+    `nan_policy=skip` it stops on skipped steps while `TrainState.step` goes on, so the lr is
+    logged from this count, not from the train step."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else default
 
 
 def make_eval_step(loss_fn: Callable) -> Callable:

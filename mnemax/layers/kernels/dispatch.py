@@ -5,7 +5,9 @@ Every op exposes `impl in {"auto", "reference", "pallas", "pallas_interpret"}`:
 - `"auto"`: `jax.lax.platform_dependent(cuda=<GPU kernel>, tpu=<TPU kernel>, default=<reference>)`.
   The choice is made when the function is *lowered* for a platform, not from
   `jax.default_backend()`, so a function traced on a CPU-only host still carries the GPU and
-  TPU kernels (`jax.export(..., platforms=["cuda"])` works from a laptop).
+  TPU kernels: `jax.export(..., platforms=["cuda"])` works from a laptop inside
+  `lowering_for("cuda")`, which names the chip the kernels are built for (jax >= 0.12 refuses
+  to lower a Pallas kernel for a platform with no device of that kind and no named chip).
 - `"reference"`: the plain-jnp reference everywhere.
 - `"pallas"`: the compiled kernel of the platform it is lowered for. CPU has no compiled Pallas
   kernel, so there it runs the kernel in interpret mode (slow; for checking, not for training).
@@ -19,7 +21,9 @@ and `TPU_CUSTOM_CALL`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -27,6 +31,48 @@ IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 INTERPRET_BACKENDS = ("gpu", "tpu")
 GPU_TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 TPU_CUSTOM_CALL = "tpu_custom_call"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A chip to lower kernels for, on a host that may not have it."""
+
+    platform: str  # the lowering platform: "cuda" or "tpu"
+    device_kind: str  # as `jax.Device.device_kind` reports it; jax picks the kernel target from it
+    num_cores: int  # streaming multiprocessors of a GPU; TensorCores per jax device of a TPU
+
+
+# One current chip per platform, for lowering from a host without it. H100 SXM: 132 SMs,
+# compute capability 9.0. TPU v5p: two TensorCores per chip, one jax device (megacore).
+H100 = Chip("cuda", "NVIDIA H100", 132)
+TPU_V5P = Chip("tpu", "TPU v5p", 2)
+DEFAULT_CHIPS = {"cuda": H100, "tpu": TPU_V5P}
+_DEVICE_PLATFORM = {"cuda": "gpu", "tpu": "tpu"}  # what a jax device of that chip reports
+
+
+@contextlib.contextmanager
+def lowering_for(chip: Chip | str) -> Iterator[Chip]:
+    """Lowers the Pallas kernels inside this context for `chip` (a `Chip`, or "cuda" / "tpu"
+    for `DEFAULT_CHIPS`), whatever devices this host has.
+
+    Use it around `jax.export.export(..., platforms=[chip.platform])` or `.lower(...)`; it
+    sets an abstract mesh whose device is `chip`, keeping the axes of the mesh already in
+    context (so it composes with `jax.set_mesh`). Lower inside it, don't run: jax treats the
+    context's device as the one computations are for.
+    """
+    if isinstance(chip, str):
+        if chip not in DEFAULT_CHIPS:
+            raise ValueError(f"lowering_for({chip!r}): no kernels for that platform; name one of "
+                             f"{tuple(DEFAULT_CHIPS)} or pass a Chip.")
+        chip = DEFAULT_CHIPS[chip]
+    if chip.platform not in _DEVICE_PLATFORM:
+        raise ValueError(f"Chip platform {chip.platform!r} is not one of "
+                         f"{tuple(_DEVICE_PLATFORM)}; mnemax has kernels for those only.")
+    device = jax.sharding.AbstractDevice(device_kind=chip.device_kind, num_cores=chip.num_cores,
+                                         platform=_DEVICE_PLATFORM[chip.platform])
+    mesh = jax.sharding.get_abstract_mesh().update(abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield chip
 
 
 def check_impl(impl: str, interpret_backend: str = "gpu") -> None:

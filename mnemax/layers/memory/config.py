@@ -32,7 +32,9 @@ class MemoryConfig:
     topk: int = 32  # slots read per head
     key_dim: int = 128  # query width per head, split into two halves of key_dim / 2
     value_dim: int | None = None  # width of a value row; None = d_model; != d_model: projected
-    query_norm: str = "layernorm"  # none | layernorm | rmsnorm | batchnorm (batch statistics)
+    # none | layernorm | rmsnorm (per token) | batchnorm (statistics over batch and time:
+    # non-causal, changes with run.grad_accum, unusable for decoding; see check_decodable)
+    query_norm: str = "layernorm"
     qk_norm: bool = False  # L2-normalise query halves and sub-keys (cosine scores), Memory+
     gated: bool = False  # out = W_o(silu(W_g x) * memory(x)) ("swilu"), Memory+
     tucker_rank: int = 0  # UltraMem: rank of the Tucker core; 0 = plain row + column sum
@@ -65,6 +67,17 @@ class MemoryConfig:
         if self.init == "ultramemv2":
             return self.init_linear_std or (0.4 / d_model) ** 0.5
         return fan_in**-0.5
+
+    def check_decodable(self) -> None:
+        """Raises ValueError unless each token's memory read depends only on that token and the
+        ones before it, as decoding (generating one token at a time) needs. Decode and generate
+        code calls this before it starts."""
+        if self.query_norm == "batchnorm":
+            raise ValueError(
+                "memory.query_norm=batchnorm normalises queries with statistics over the batch "
+                "and time, so a token's read depends on later tokens and one decoded token gets "
+                "q = 0: this model cannot decode. Train with a per-token norm "
+                "(memory.query_norm=layernorm or rmsnorm)")
 
     def validate(self, d_model: int, num_layers: int) -> None:
         """Raises ValueError naming the field that cannot build a memory."""

@@ -23,13 +23,20 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def _normalize_query(q: jax.Array, kind: str) -> jax.Array:
-    """Normalises each head's query over its features (`q: [tokens..., H, features]`)."""
+    """Normalises the queries `q: [B, T, H, features]` (any dtype; computed in fp32).
+
+    `layernorm` / `rmsnorm`: each token's query, per head, over its features (causal).
+    `batchnorm`: each head's feature over all B x T tokens of the batch (PKM's BatchNorm, without
+    running averages). Non-causal: a token's query depends on later tokens and on the other
+    sequences of the (micro-)batch, so `run.grad_accum` changes the model. Unusable for decoding:
+    one new token of one sequence has zero variance (q = 0), and a batch of them depends on the
+    other sequences; `MemoryConfig.check_decodable` refuses it.
+    """
     if kind == "none":
         return q
     q32 = q.astype(jnp.float32)
     if kind == "batchnorm":
-        # Batch statistics over all tokens, per head and feature (PKM's BatchNorm, without
-        # running averages: the same normalisation at train and eval time).
+        # No running averages: the same normalisation at train and eval time.
         reduce = tuple(range(q.ndim - 2))
         mean = jnp.mean(q32, reduce, keepdims=True)
         var = jnp.var(q32, reduce, keepdims=True)

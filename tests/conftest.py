@@ -15,14 +15,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import pytest
 
 from mnemax.recipes.registry import load_recipe
-
-# A model small enough that a step takes milliseconds on CPU; fp32 so that sharded and
-# unsharded runs agree to 1e-5.
-SMALL = (
-    "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
-    "model.mlp_dim=128", "data.seq_len=32", "data.global_batch=16", "run.compute_dtype=float32",
-    "schedule.warmup_steps=2", "eval.every=0", "checkpoint.every=0", "run.log_every=1",
-)
+from tests.helpers import SMALL
 
 
 @pytest.fixture

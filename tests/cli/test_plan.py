@@ -16,7 +16,7 @@ from mnemax.launch.plan_cost import (
     recompute_factor,
     step_time,
 )
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 
 def _sets(*items):

@@ -6,7 +6,7 @@ import pytest
 
 from mnemax.errors import ConfigError
 from mnemax.trainer.setup import build_program
-from tests.equivalence import (
+from tests.helpers.equivalence import (
     assert_grads_close,
     assert_same_run,
     gaps,

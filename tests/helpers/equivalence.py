@@ -23,7 +23,7 @@ from mnemax.recipes.registry import load_recipe
 from mnemax.recipes.schema import Recipe
 from mnemax.trainer.setup import TrainProgram, build_program
 from mnemax.trainer.step import TrainState, split_batch
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 STEPS = 3
 

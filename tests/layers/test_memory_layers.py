@@ -18,24 +18,10 @@ from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.loop import train
 from mnemax.trainer.optimizer import param_groups
 from mnemax.trainer.setup import build_program
-from tests.conftest import SMALL
-from tests.test_train import read_metrics
+from tests.helpers import read_metrics, small_memory_recipe
 
 VARIANTS = ("pkm_tiny", "memory_plus_tiny", "ultramem_tiny", "peer_tiny")
 # Shrinks a memory recipe's memory to CPU-test size (on top of SMALL's 2 x 64 model).
-SMALL_MEMORY = ("model.memory.num_rows=256", "model.memory.topk=4", "model.memory.key_dim=16",
-                "model.memory.num_heads=2")
-# ultramemv2_tiny's 64-wide pre-values and values would equal SMALL's d_model (no projection).
-SMALL_ULTRAMEMV2 = ("model.memory.pre_value_dim=16", "model.memory.value_dim=16")
-
-
-def small_memory_recipe(name, *overrides):
-    every_block = name in ("ultramem_tiny", "memory_plus_tiny", "ultramemv2_tiny")
-    layers = "model.memory.layers=0,1" if every_block else "model.memory.layers=1"
-    extra = SMALL_ULTRAMEMV2 if name == "ultramemv2_tiny" else ()
-    return load_recipe(name, [*SMALL, *SMALL_MEMORY, layers, *extra, *overrides])
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_count_and_aux(name):
     recipe = small_memory_recipe(name)

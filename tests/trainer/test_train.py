@@ -16,23 +16,9 @@ from mnemax.launch.cli import main
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.checkpoint import Checkpointer
 from mnemax.trainer.loop import train
-from tests.conftest import SMALL
+from tests.helpers import SMALL, read_metrics
 
 UNIGRAM_ENTROPY_NATS = 3.27  # byte unigram entropy of the stdlib corpus (measured)
-
-
-def read_metrics(run_dir: Path) -> dict[int, dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    records = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written right now
-            continue
-        records[record["step"]] = record
-    return records
 
 
 def finalized_steps(run_dir: Path) -> list[int]:

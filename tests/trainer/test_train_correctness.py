@@ -15,8 +15,7 @@ from mnemax.trainer.checkpoint import Checkpointer
 from mnemax.trainer.hardware import peak_flops_for_kind
 from mnemax.trainer.loop import train
 from mnemax.trainer.setup import build_program
-from tests.conftest import SMALL
-from tests.test_train import read_metrics
+from tests.helpers import SMALL, read_metrics
 
 
 def test_eval_runs_at_every_multiple_of_eval_every_and_at_the_last_step(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from mnemax.errors import ConfigError
 from mnemax.trainer.checkpoint import abstract_with_shardings
 from mnemax.trainer.setup import build_program
-from tests.equivalence import assert_same_run, run_steps, small_run
-from tests.test_memory_layers import small_memory_recipe
+from tests.helpers import small_memory_recipe
+from tests.helpers.equivalence import assert_same_run, run_steps, small_run
 
 # Plain tensor parallelism (data:4,tensor:2) is compiled by the collectives test below.
 LAYOUTS = (

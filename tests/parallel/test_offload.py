@@ -22,7 +22,7 @@ from mnemax.layers.checkpoint_names import ALL_NAMES
 from mnemax.parallel.remat import remat_options
 from mnemax.trainer.checkpoint import CheckpointConfig, Checkpointer, abstract_with_shardings
 from mnemax.trainer.setup import build_program, check_host_memory
-from tests.equivalence import assert_same_run, small_run
+from tests.helpers.equivalence import assert_same_run, small_run
 
 MESH = "strategy.mesh=data:2,fsdp:4"
 SAVED = "attn_out,mlp_hidden"

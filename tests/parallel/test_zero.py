@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mnemax.trainer.setup import build_program
-from tests.equivalence import assert_same_run, small_run
+from tests.helpers.equivalence import assert_same_run, small_run
 
 
 @pytest.mark.parametrize("stage, mesh", [(1, "data:2,fsdp:4"), (2, "data:8"),
@@ -65,7 +65,7 @@ def test_show_reports_compiled_memory_beside_the_formula(capsys):
     import json
 
     from mnemax.launch.cli import main
-    from tests.conftest import SMALL
+    from tests.helpers import SMALL
 
     args = ["show", "tiny", "--json", "--compiled", "--set", "strategy.mesh=data:2,fsdp:4",
             "--set", "strategy.zero_stage=2"]

@@ -20,8 +20,8 @@ from mnemax.trainer.compressed_adam import (
     scale_by_compressed_adam,
 )
 from mnemax.trainer.setup import build_program
-from tests.conftest import SMALL
-from tests.equivalence import gradients, initial_params, initial_state
+from tests.helpers import SMALL
+from tests.helpers.equivalence import gradients, initial_params, initial_state
 
 MESH = "strategy.mesh=data:2,fsdp:4"
 

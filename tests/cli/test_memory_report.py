@@ -11,7 +11,7 @@ from mnemax.recipes.summary import (
     state_bytes,
     zero_formula_bytes,
 )
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 MESH = "strategy.mesh=data:2,fsdp:4"
 

@@ -1,6 +1,6 @@
 """The dense transformer: causality, exact parameter count, scan = loop.
 
-Remat policies are checked against `none` in tests/test_offload.py."""
+Remat policies are checked against `none` in tests/parallel/test_offload.py."""
 
 import jax
 import jax.numpy as jnp

@@ -9,8 +9,7 @@ from mnemax.layers.gated_delta import GatedDeltaConfig, GatedDeltaNet, init_cach
 from mnemax.layers.transformer import TransformerConfig
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.loop import train
-from tests.conftest import SMALL
-from tests.test_train import read_metrics
+from tests.helpers import SMALL, read_metrics
 
 CFG = GatedDeltaConfig(num_heads=2, num_value_heads=4, head_dim=16, value_head_dim=8,
                        chunk_size=8)

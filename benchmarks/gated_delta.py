@@ -3,9 +3,10 @@
     python benchmarks/gated_delta.py [--batch 8 --heads 16 --dim 128 --times 2048,8192
         --dtype bfloat16] [--impls chunk,recurrent,attention] [--iters 5] [--cpu-scale]
 
-Impls: `chunk` (the chunkwise-parallel form, what `impl="auto"` runs), `recurrent` (the
-`lax.scan` over time), `pallas` (the chunk form with its scan over chunks in the Triton kernel;
-GPU only by default),
+Impls (rows of the table): `chunk` (the chunkwise-parallel form in XLA, what `impl="auto"` runs:
+`impl="reference", form="chunk"`), `recurrent` (the `lax.scan` over time: `form="recurrent"`),
+`pallas` (the chunk form with its scan over chunks in the Triton kernel: `impl="pallas"`; GPU
+only by default),
 `attention` (`jax.nn.dot_product_attention`, causal, cuDNN where available, at the same
 [batch, time, heads, dim] shape; GPU only, for comparison). Gradients flow to all five inputs
 (q, k, v, g, beta; q, k, v for attention). Times are the median of `--iters` runs after warm-up,
@@ -49,13 +50,19 @@ def _attention(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
+# The `gated_delta_rule` arguments of each row.
+METHODS = {"chunk": dict(impl="reference", form="chunk"),
+           "recurrent": dict(impl="reference", form="recurrent"),
+           "pallas": dict(impl="pallas", form="chunk")}
+
+
 def _op(impl):
     """(op over the differentiable inputs, number of them): `op(*inputs) -> o`."""
     if impl == "attention":
         return _attention, 3
 
     def op(q, k, v, g, beta):
-        return gated_delta_rule(q, k, v, g, beta, impl=impl)[0]
+        return gated_delta_rule(q, k, v, g, beta, **METHODS[impl])[0]
 
     return op, 5
 

@@ -7,7 +7,7 @@
 Configurations (`--configs`, default all): `stage0`..`stage3` (the recipe's remat), `none`,
 `dots_saveable`, `full`, `offload` (offload_names of the attention and MLP intermediates) and
 `opt_offload` (optimizer state in pinned host memory), the last five at the recipe's stage.
-Each is reported with its per-device bytes from `mnemax.recipes.summary.memory_report`:
+Each is reported with its per-device bytes from `mnemax.trainer.memory_report.memory_report`:
 params / grads / optimizer state (device and host), activations (temp of the compiled gradient
 function) and the compiled step's peak (arguments + temps + outputs - aliased).
 
@@ -43,7 +43,7 @@ from timing import time_train_steps  # noqa: E402
 
 from mnemax.errors import MnemaxError  # noqa: E402
 from mnemax.recipes.registry import load_recipe  # noqa: E402
-from mnemax.recipes.summary import (  # noqa: E402
+from mnemax.trainer.memory_report import (  # noqa: E402
     analysis_compile,
     compiled_gradient_memory,
     lower_train_step,

@@ -133,7 +133,7 @@ class Planner:
 
     def _ask(self, request: dict[str, Any], label: str = "") -> dict[str, Any]:
         from mnemax.recipes.registry import load_recipe
-        from mnemax.recipes.schema import recipe_to_dict
+        from mnemax.trainer.recipe import recipe_to_dict
 
         memo_key = json.dumps(request, sort_keys=True)
         if memo_key in self._memo:

@@ -67,7 +67,7 @@ class Measurer:
         bytes of the whole (unsharded) parameters."""
         import jax
 
-        from mnemax.recipes.summary import state_bytes
+        from mnemax.trainer.memory_report import state_bytes
 
         program = self._program(extra)
         whole = sum(_aval_bytes(p) for p in jax.tree.leaves(program.abstract_state.params))
@@ -107,7 +107,7 @@ class Measurer:
 
     def compile(self, extra: list[str]) -> dict[str, Any]:
         """XLA's memory analysis of the compiled train step and its device peak."""
-        from mnemax.recipes.summary import compiled_memory, state_bytes, step_peak_bytes
+        from mnemax.trainer.memory_report import compiled_memory, state_bytes, step_peak_bytes
 
         program = self._program(extra)
         raw = compiled_memory(program)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import flax.linen as nn
 import flax.struct
@@ -17,10 +18,16 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mnemax.errors import ConfigError, check_choices
 from mnemax.layers import axes, checkpoint_names
-from mnemax.layers.kernels.gated_delta import gated_delta_rule
+from mnemax.layers.kernels.gated_delta import gated_delta_rule, impl_and_form
+from mnemax.layers.primitives import l2_normalize, rms_normalize
 
 CONV = "conv"
+
+# What runs the gated delta rule: the keys of mnemax.layers.kernels.gated_delta.CONFIG_IMPLS.
+GatedDeltaImpl = Literal["auto", "chunk", "recurrent", "reference", "pallas", "pallas_interpret"]
+GATED_DELTA_PATH = "model.gated_delta"  # where a recipe holds the config; errors name keys under it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +41,10 @@ class GatedDeltaConfig:
     conv_size: int = 4  # causal depthwise conv width on q, k and v
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     norm_eps: float = 1e-6  # output RMSNorm epsilon
-    impl: str = "auto"  # auto | chunk | recurrent (see gated_delta_rule)
+    impl: GatedDeltaImpl = "auto"  # see gated_delta_rule
+
+    def __post_init__(self) -> None:
+        check_choices(self, GATED_DELTA_PATH)
 
     @property
     def value_heads(self) -> int:
@@ -45,9 +55,14 @@ class GatedDeltaConfig:
         return self.value_head_dim or self.head_dim
 
     def validate(self) -> None:
+        """Raises ConfigError naming the field (by its override path) that cannot build a
+        mixer."""
+        check_choices(self, GATED_DELTA_PATH)
         if self.value_heads % self.num_heads:
-            raise ValueError(f"gated_delta.num_value_heads={self.value_heads} is not a multiple of "
-                             f"gated_delta.num_heads={self.num_heads}")
+            raise ConfigError(
+                f"{GATED_DELTA_PATH}.num_value_heads={self.value_heads} is not a multiple of "
+                f"{GATED_DELTA_PATH}.num_heads={self.num_heads}: each key head serves a whole "
+                "group of value heads")
 
     def param_count(self, d_model: int) -> int:
         hk, hv = self.num_heads * self.head_dim, self.value_heads * self.value_dim
@@ -79,11 +94,6 @@ def init_cache(config: GatedDeltaConfig, batch: int, dtype=jnp.float32) -> Gated
         state=jnp.zeros((batch, config.value_heads, config.head_dim, config.value_dim),
                         jnp.float32),
     )
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):
@@ -133,8 +143,8 @@ class GatedDeltaNet(nn.Module):
         conv = sum(padded[:, i:i + time] * conv_w[i].astype(x.dtype) for i in range(cfg.conv_size))
         conv = jax.nn.silu(conv)
         q, k, v = jnp.split(conv, [hk, 2 * hk], axis=-1)
-        q = _l2_normalize(q.reshape(batch, time, cfg.num_heads, cfg.head_dim))
-        k = _l2_normalize(k.reshape(batch, time, cfg.num_heads, cfg.head_dim))
+        q = l2_normalize(q.reshape(batch, time, cfg.num_heads, cfg.head_dim))
+        k = l2_normalize(k.reshape(batch, time, cfg.num_heads, cfg.head_dim))
         v = v.reshape(batch, time, cfg.value_heads, cfg.value_dim)
         group = cfg.value_heads // cfg.num_heads
         if group > 1:
@@ -150,20 +160,21 @@ class GatedDeltaNet(nn.Module):
             + dt_bias.astype(jnp.float32))
 
         if cache is None:
-            o, _ = gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.chunk_size, impl=cfg.impl)
+            impl, form = impl_and_form(cfg.impl)
+            o, _ = gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.chunk_size, impl=impl,
+                                    form=form)
             new_cache = None
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, initial_state=cache.state,
-                                        output_final_state=True, impl="recurrent")
+                                        output_final_state=True, impl="reference",
+                                        form="recurrent")
             new_cache = GatedDeltaCache(conv=padded[:, -(cfg.conv_size - 1):].astype(
                 cache.conv.dtype), state=state)
 
         o = checkpoint_name(o, checkpoint_names.GDN_OUT)
         norm_scale = self.param("norm", nn.with_logical_partitioning(
             nn.initializers.ones, (axes.NORM,)), (cfg.value_dim,))
-        o32 = o.astype(jnp.float32)
-        o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, -1, keepdims=True) + cfg.norm_eps)
-        o = (o32 * norm_scale.astype(jnp.float32)).astype(x.dtype).reshape(batch, time, hv)
+        o = rms_normalize(o, cfg.norm_eps, norm_scale).astype(x.dtype).reshape(batch, time, hv)
         o = o * jax.nn.silu(dense("z", hv, axes.HEADS))
         w_o = self.param("o", nn.with_logical_partitioning(init, (axes.HEADS, axes.EMBED)),
                          (hv, d_model))

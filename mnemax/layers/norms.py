@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mnemax.layers import axes
+from mnemax.layers.primitives import rms_normalize
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +24,4 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
             (x.shape[-1],), jnp.float32,
         )
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+        return rms_normalize(x, self.eps, scale)

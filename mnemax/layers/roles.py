@@ -3,8 +3,8 @@
 The role of a parameter follows from its logical axis names (`mnemax.layers.axes` and the
 memory layers' names), never from its leaf name or its rank, so the same weight gets the same
 treatment whether the blocks are stacked by `nn.scan` (which prepends a `layers` axis) or run in a
-Python loop. A layer whose parameter needs another role gives it an axis name listed in
-`ROLE_OF_AXIS` (or adds one there).
+Python loop. A block component whose parameter needs another role gives it an axis of its own
+and declares that axis's role (`Component.axis_roles`, see `mnemax.layers.components`).
 
 Roles and why:
 - `matrix`: projections and embeddings (any parameter with two or more axes not named below).
@@ -35,24 +35,21 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 
-from mnemax.layers import axes
+from mnemax.layers import axes, components
 
 Role = Literal["matrix", "scale", "vector", "keys", "core", "table"]
 
-# Checked in this order: the first axis of a parameter found here decides its role.
-ROLE_OF_AXIS: dict[str, Role] = {
-    "memory_rows": "table",
-    "memory_keys": "keys",
-    "memory_rank": "core",
-    axes.NORM: "scale",
-}
+# Roles of the shared axes; components add their own (`Component.axis_roles`: the memory
+# layers give memory_rows -> table, memory_keys -> keys, memory_rank -> core).
+ROLE_OF_AXIS: dict[str, Role] = {axes.NORM: "scale"}
 DECAYED_ROLES: frozenset[str] = frozenset({"matrix"})
 SPARSE_ROLES: frozenset[str] = frozenset({"table"})
 
 
 def role_of(names: tuple[str | None, ...]) -> Role:
     """The role of a parameter with logical axis `names` (see the module docstring)."""
-    for axis, role in ROLE_OF_AXIS.items():
+    # Components' roles first: the first axis of a parameter found decides its role.
+    for axis, role in {**components.axis_roles(), **ROLE_OF_AXIS}.items():
         if axis in names:
             return role
     own_axes = [n for n in names if n != axes.LAYERS]

@@ -1,13 +1,18 @@
-"""A Llama-style decoder-only transformer (Touvron et al., "LLaMA", 2023).
+"""A decoder-only transformer that composes block components (Llama's layout by default).
 
-Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU ->
-residual), stacked with `nn.scan` over a `layers` axis so compile time is flat in depth, each
-block optionally wrapped in `nn.remat` with a policy the parallel strategy chooses.
+Pre-norm blocks: RMSNorm -> a mixer (`model.mixers`: causal attention with RoPE, sliding-window
+attention, Gated DeltaNet, or any registered one) -> residual, RMSNorm -> the block's FFNs
+(SwiGLU, a memory layer in the blocks `model.memory.layers`, or any registered one; their outputs
+are summed) -> residual. The components are frozen configs behind one protocol
+(`mnemax.layers.components`); this module composes them and names none. Identical blocks are
+stacked with `nn.scan` over a `layers` axis (compile time flat in depth); others run in a Python
+loop. Each block is optionally wrapped in `nn.remat` with a policy the parallel strategy chooses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,23 +20,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnemax.errors import check_choices
 from mnemax.layers import axes
-from mnemax.layers.attention import GroupedQueryAttention
-from mnemax.layers.gated_delta import GatedDeltaConfig, GatedDeltaNet
-from mnemax.layers.memory import (
-    MemoryConfig,
-    MemoryLayer,
-    memory_flops_per_token,
-    memory_param_count,
-)
-from mnemax.layers.memory.layer import value_table_init, value_width
-from mnemax.layers.mlp import SwiGLU, swiglu_hidden_dim
+from mnemax.layers.attention import AttentionImpl
+from mnemax.layers.components import FFNS, MIXERS, BlockContext, Component, all_components
+from mnemax.layers.components.base import make_param
+from mnemax.layers.gated_delta import GatedDeltaConfig
+from mnemax.layers.memory import MemoryConfig
+from mnemax.layers.mlp import swiglu_hidden_dim
 from mnemax.layers.norms import RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Shape and options of a dense decoder-only transformer."""
+    """Shape and options of a decoder-only transformer and of the components of its blocks."""
 
     vocab_size: int = 320  # output classes; must be >= the tokenizer's vocabulary
     num_layers: int = 4  # decoder blocks
@@ -44,14 +46,17 @@ class TransformerConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the input embedding as the output projection
     init_std: float = 0.02  # std of weight init; output projections get init_std / sqrt(2 L)
-    attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention backend)
+    attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend
     scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
     memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
-    # Sequence mixer of each block, repeated over the depth: attention | swa (sliding-window
-    # attention) | gdn (Gated DeltaNet). () = attention everywhere.
+    # Sequence mixer of each block, repeated over the depth, by registered name: attention |
+    # swa (sliding-window attention) | gdn (Gated DeltaNet) | ... () = attention everywhere.
     mixers: tuple[str, ...] = ()
     sliding_window: int = 512  # window (tokens, itself included) of swa blocks
     gated_delta: GatedDeltaConfig | None = None  # gdn shape; None = heads/head_dim of attention
+
+    def __post_init__(self) -> None:
+        check_choices(self, "model")
 
     def mixer(self, layer: int) -> str:
         return self.mixers[layer % len(self.mixers)] if self.mixers else "attention"
@@ -60,23 +65,6 @@ class TransformerConfig:
     def gdn(self) -> GatedDeltaConfig:
         return self.gated_delta or GatedDeltaConfig(num_heads=self.num_heads,
                                                     head_dim=self.dim_per_head)
-
-    @property
-    def uniform_blocks(self) -> bool:
-        """All blocks have the same parameters (so they can be stacked by nn.scan)."""
-        return not self.memory_layers and len(set(self.mixers)) <= 1
-
-    @property
-    def memory_layers(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.memory.layers))) if self.memory else ()
-
-    def ffn_hidden_dim(self, layer: int) -> int | None:
-        """SwiGLU width of block `layer`; None when a memory replaces its FFN."""
-        if layer not in self.memory_layers:
-            return self.hidden_dim
-        if self.memory.mode == "replace":
-            return None
-        return max(1, round(self.hidden_dim * self.memory.ffn_ratio))
 
     @property
     def kv_heads(self) -> int:
@@ -89,6 +77,46 @@ class TransformerConfig:
     @property
     def hidden_dim(self) -> int:
         return self.mlp_dim or swiglu_hidden_dim(self.d_model)
+
+    def mixer_component(self, layer: int) -> Component:
+        """The mixer of block `layer` (`model.mixers` names registered mixers)."""
+        name = self.mixer(layer)
+        if name not in MIXERS:
+            raise ValueError(f"model.mixers has unknown mixer {name!r}; choose one of "
+                             f"{', '.join(sorted(MIXERS))}")
+        return MIXERS[name].for_block(self, layer)
+
+    def ffn_components(self, layer: int) -> tuple[Component, ...]:
+        """The FFNs of block `layer`, in registration order (their outputs are summed)."""
+        found = (cls.for_block(self, layer) for cls in dict.fromkeys(FFNS.values()))
+        return tuple(c for c in found if c is not None)
+
+    def block_context(self, layer: int) -> BlockContext:
+        """What the components of block `layer` see: the model and the dense FFN width after
+        every FFN's `dense_ffn_scale` (Memory+ replacing the FFN: 0; UltraMemV2 beside a
+        narrower one: round(hidden_dim x ffn_ratio))."""
+        scale = math.prod(c.dense_ffn_scale() for c in self.ffn_components(layer))
+        width = self.hidden_dim if scale == 1.0 else (max(1, round(self.hidden_dim * scale))
+                                                      if scale else 0)
+        return BlockContext(model=self, layer=layer, ffn_hidden_dim=width,
+                            out_init_std=self.init_std / (2 * self.num_layers) ** 0.5)
+
+    def block_components(self, layer: int) -> tuple[Component, ...]:
+        return (self.mixer_component(layer), *self.ffn_components(layer))
+
+    def shared_params(self) -> tuple:
+        """Parameters components share across blocks (created once, at the top of the tree)."""
+        return tuple(p for cls in all_components() for p in cls.shared_params(self))
+
+    @property
+    def uniform_blocks(self) -> bool:
+        """All blocks have the same components with the same configs, every one scannable, and
+        none shares parameters across blocks: they can be stacked by nn.scan."""
+        blocks = {(self.block_components(i), self.block_context(i).ffn_hidden_dim)
+                  for i in range(self.num_layers)}
+        first = self.block_components(0)
+        return (len(blocks) == 1 and all(type(c).scannable for c in first)
+                and not self.shared_params())
 
     def validate(self) -> None:
         """Raises ValueError naming a field whose value cannot build a model."""
@@ -105,14 +133,14 @@ class TransformerConfig:
             )
         if self.dim_per_head % 2:
             raise ValueError(f"head dim {self.dim_per_head} must be even for RoPE")
-        if self.memory is not None:
-            self.memory.validate(self.d_model, self.num_layers)
-        unknown = set(self.mixers) - {"attention", "swa", "gdn"}
-        if unknown:
-            raise ValueError(f"model.mixers has unknown mixers {sorted(unknown)}; choose "
-                             "attention, swa or gdn")
-        if "gdn" in self.mixers:
-            self.gdn.validate()
+        for cls in all_components():
+            cls.check_model(self)
+        checked: set[Component] = set()
+        for layer in range(self.num_layers):
+            for component in self.block_components(layer):
+                if component not in checked:
+                    component.validate(self)
+                    checked.add(component)
 
     def build(self, *, remat: bool = False, remat_policy: Callable | None = None) -> Transformer:
         """The flax module; `remat`/`remat_policy` come from the parallel strategy."""
@@ -120,51 +148,23 @@ class TransformerConfig:
         return Transformer(self, remat=remat, remat_policy=remat_policy)
 
     def param_count(self) -> int:
-        """Exact number of parameters."""
-        d, L = self.d_model, self.num_layers
-        attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
-        mixer_params = sum(self.gdn.param_count(d) if self.mixer(i) == "gdn" else attn
-                           for i in range(L))
-        blocks = mixer_params + 2 * d * L + sum(3 * d * (self.ffn_hidden_dim(i) or 0)
-                                                for i in range(L))
-        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        total = blocks + embed + d
-        if self.memory_layers:
-            shared = self.memory.shared and self.memory.variant != "peer"
-            per_layer = memory_param_count(self.memory, d, include_values=not shared)
-            total += len(self.memory_layers) * per_layer
-            if shared:
-                total += self.memory.physical_rows * value_width(self.memory, d)
-        return total
+        """Exact number of parameters: the components of every block, two norms per block,
+        the embeddings and the final norm, and each shared parameter once."""
+        d, total = self.d_model, 0
+        for layer in range(self.num_layers):
+            ctx = self.block_context(layer)
+            total += 2 * d + sum(c.param_count(ctx) for c in self.block_components(layer))
+        total += self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        return total + sum(math.prod(p.shape) for p in self.shared_params())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), causal attention.
-
-        6 * (matmul parameters, output projection included) + 12 * heads * head_dim * the keys
-        each query attends, averaged over positions: (seq_len + 1) / 2 with causal attention (the
-        PaLM/Chinchilla count), min(t + 1, W) at position t in a sliding window of W.
-        """
-        d, L = self.d_model, self.num_layers
-        attn = d * self.dim_per_head * (2 * self.num_heads + 2 * self.kv_heads)
-        mlp = sum(3 * d * (self.ffn_hidden_dim(i) or 0) for i in range(L))
-        attn_layers = [i for i in range(L) if self.mixer(i) != "gdn"]
-        matmul_params = len(attn_layers) * attn + mlp + self.vocab_size * d
-        gdn = sum(self.gdn.flops_per_token(d) for i in range(L) if self.mixer(i) == "gdn")
-        memory = (len(self.memory_layers) * memory_flops_per_token(self.memory, d)
-                  if self.memory_layers else 0.0)
-        # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add per key a query attends, x 3 for
-        # forward + backward.
-        keys = sum(mean_keys_attended(seq_len, self.sliding_window if self.mixer(i) == "swa"
-                                      else None) for i in attn_layers)
-        return 6.0 * matmul_params + 12.0 * keys * self.num_heads * self.dim_per_head + memory + gdn
-
-
-def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
-    """Keys a causal query attends, averaged over positions t = 0..seq_len-1: t + 1, or
-    min(t + 1, window) in a sliding window (the window counts the query itself)."""
-    w = seq_len if window is None else min(window, seq_len)
-    # Positions t < w see t + 1 keys; the seq_len - w later ones see w each.
-    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        """Training FLOPs per token (forward + backward = 3x forward): each block's
+        components (`Component.flops_per_token`) and 6 x the output projection's parameters."""
+        total = 6.0 * self.vocab_size * self.d_model
+        for layer in range(self.num_layers):
+            ctx = self.block_context(layer)
+            total += sum(c.flops_per_token(ctx, seq_len) for c in self.block_components(layer))
+        return total
 
 
 # The residual stream between blocks `[batch, time, embed]`.
@@ -172,10 +172,10 @@ RESIDUAL_AXES = (axes.ACT_BATCH, axes.ACT_RESIDUAL_LENGTH, axes.ACT_EMBED)
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm attention + FFN block: `[batch, time, embed] -> ([batch, time, embed], aux)`.
+    """Pre-norm block: `[batch, time, embed] -> ([batch, time, embed], aux)`.
 
-    The FFN is SwiGLU, a memory layer (`layer` in `config.memory.layers`, mode `replace`), or
-    both summed (mode `parallel`).
+    x + mixer(RMSNorm(x)), then + the sum of the block's FFNs on RMSNorm of that; `aux` merges
+    the components' aux dicts. `shared` holds the parameters components share across blocks.
     """
 
     config: TransformerConfig
@@ -183,36 +183,20 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 shared_values: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
-        cfg = self.config
-        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+                 shared: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        cfg, shared = self.config, shared or {}
+        ctx = cfg.block_context(self.layer)
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-        mixer = cfg.mixer(self.layer)
-        if mixer == "gdn":
-            x = x + GatedDeltaNet(cfg.gdn, name="gdn")(h)[0]
-        else:
-            x = x + GroupedQueryAttention(
-                num_heads=cfg.num_heads,
-                num_kv_heads=cfg.kv_heads,
-                head_dim=cfg.dim_per_head,
-                rope_theta=cfg.rope_theta,
-                init_std=cfg.init_std,
-                out_init_std=out_std,
-                impl=cfg.attention_impl,
-                window=cfg.sliding_window if mixer == "swa" else None,
-                name="attn",
-            )(h, positions)
+        mixed, aux = cfg.mixer_component(self.layer).apply(ctx, h, positions, shared)
+        x = x + mixed
         h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
-        aux: dict[str, Any] = {}
-        hidden = cfg.ffn_hidden_dim(self.layer)
+        aux = dict(aux)
         ffn = 0
-        if hidden is not None:
-            ffn = SwiGLU(hidden, cfg.init_std, out_std, name="mlp")(h)
-        if self.layer in cfg.memory_layers:
-            memory, aux = MemoryLayer(cfg.memory, num_layers=cfg.num_layers,
-                                      ffn_hidden_dim=hidden or cfg.hidden_dim,
-                                      name="memory")(h, shared_values)
-            ffn = ffn + memory
+        for component in cfg.ffn_components(self.layer):
+            out, ffn_aux = component.apply(ctx, h, positions, shared)
+            if out is not None:  # None: the component sits this block out
+                ffn = ffn + out
+            aux.update(ffn_aux)
         x = x + ffn
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         return x, aux
@@ -289,11 +273,7 @@ class Transformer(nn.Module):
             x, layer_aux = stack(cfg, block, name="layers")(x, positions)
             aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), layer_aux)
         else:
-            shared = None
-            if cfg.memory_layers and cfg.memory.shared and cfg.memory.variant != "peer":
-                width = value_width(cfg.memory, cfg.d_model)
-                shared = self.param("memory_values", value_table_init(cfg.memory, width),
-                                    (cfg.memory.physical_rows, width))
+            shared = {p.name: make_param(self, p) for p in cfg.shared_params()}
             block_aux = []
             for i in range(cfg.num_layers):
                 x, layer_aux = block(cfg, i, name=f"layer_{i}")(x, positions, shared)

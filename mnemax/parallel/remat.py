@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 
 from mnemax.errors import ConfigError
-from mnemax.layers.checkpoint_names import ALL_NAMES
+from mnemax.layers.components import remat_names
 from mnemax.parallel.strategy import parse_remat
 
 HOST_MEMORY_KIND = "pinned_host"
@@ -27,11 +27,12 @@ HOST_MEMORY_KIND = "pinned_host"
 
 def check_names(spec: str, names: tuple[str, ...]) -> None:
     """Raises ConfigError if a name in `strategy.remat=spec` is not a layer's tag."""
-    unknown = [n for n in names if n not in ALL_NAMES]
+    known = remat_names()
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(
             f"strategy.remat={spec!r}: {', '.join(map(repr, unknown))} is not a checkpoint name "
-            f"any layer tags; known names: {', '.join(ALL_NAMES)} "
+            f"any block component tags; known names: {', '.join(known)} "
             "(see mnemax/layers/checkpoint_names.py)"
         )
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from mnemax.layers import axes
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from mnemax.errors import ConfigError
+from mnemax.layers import axes, components
 from mnemax.parallel.strategy import Strategy
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -25,7 +31,7 @@ def logical_axis_rules(strategy: Strategy) -> LogicalRules:
     data_axes = ("data", "fsdp")
     memory_rows = data_axes if strategy.memory_sharding == "rows" else None
     memory_dim = data_axes if strategy.memory_sharding == "dim" else None
-    return (
+    rules = (
         # Memory value tables (mnemax.layers.memory) are sharded over all data-parallel devices
         # whatever the ZeRO stage: they are the bulk of a memory model's parameters.
         ("memory_rows", memory_rows),
@@ -52,3 +58,25 @@ def logical_axis_rules(strategy: Strategy) -> LogicalRules:
         (axes.LAYERS, None),
         (axes.NORM, param_embed),
     )
+    # Axes block components introduce, sharded like the existing axis each names.
+    known = dict(rules)
+    extra = tuple((axis, None if like is None else known[like])
+                  for axis, like in components.axis_sharding().items()
+                  if (like is None or like in known) and axis not in known)
+    return rules + extra
+
+
+def check_rules_cover(boxed_params: Any, rules: LogicalRules) -> None:
+    """Raises ConfigError naming a parameter whose logical axis no rule covers (flax would
+    replicate it silently)."""
+    covered = {name for name, _ in rules}
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for path, leaf in leaves:
+        for name in getattr(leaf, "names", ()) or ():
+            if name is not None and name not in covered:
+                raise ConfigError(
+                    f"parameter {jax.tree_util.keystr(path)} has logical axis {name!r}, which no "
+                    "sharding rule covers; the block component that creates it must declare "
+                    f"how it is sharded in its `axis_sharding` (e.g. {{{name!r}: 'mlp'}}: "
+                    "sharded like the MLP hidden axis)")

@@ -24,6 +24,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")  # memory kinds outside the device
 TENSOR_HINT = (". Tensor parallelism splits attention heads, kv heads, the MLP hidden size "
                "and the vocabulary over the tensor axis: its size must divide each of them")
 
@@ -85,11 +86,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
-    """Bytes one device holds for `abstract_tree` laid out by `shardings` (the largest shard)."""
-    total = 0
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> tuple[int, int]:
+    """`(device_bytes, host_bytes)` one device holds of `abstract_tree` laid out by `shardings`
+    (the largest shard of each leaf), split by each sharding's `memory_kind`: leaves placed in
+    `HOST_MEMORY_KINDS` count as host bytes. The one count of state per device: the trainer's
+    `TrainProgram.memory_per_device`, `mnemax show` and the planner all use it."""
+    device = host = 0
     sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for leaf, sharding in zip(jax.tree.leaves(abstract_tree), sharding_leaves, strict=True):
-        shard = sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
+        size = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        if sharding.memory_kind in HOST_MEMORY_KINDS:
+            host += size
+        else:
+            device += size
+    return device, host

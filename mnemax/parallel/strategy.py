@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, get_args
 
-from mnemax.errors import ConfigError
+from mnemax.errors import ConfigError, check_choices
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "seq")
 ZERO_STAGES = (0, 1, 2, 3)
-MEMORY_SHARDINGS = ("dim", "rows", "replicated")
+# How memory value tables are split over data x fsdp: `dim` (each device holds a column slice of
+# every row, as Memory+ does), `rows` or `replicated`.
+MemorySharding = Literal["dim", "rows", "replicated"]
+MEMORY_SHARDINGS = get_args(MemorySharding)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 REMAT_NAMED = ("save_names", "offload_names")  # `kind:name,name,...` (checkpoint_name tags)
 UNSUPPORTED_AXES = ("expert", "seq")
@@ -17,7 +21,17 @@ UNSUPPORTED_AXES = ("expert", "seq")
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """How a model is laid out over devices. Nothing outside `mnemax.parallel` reads it."""
+    """How a model is laid out over devices.
+
+    `mnemax.parallel` turns it into a mesh, axis rules, the ZeRO layout and a remat policy.
+    Outside it, a few read single fields without deciding any layout: `mnemax.trainer.setup`
+    hands it (and its `zero_stage` and `remat`) to those `mnemax.parallel` functions and moves
+    the optimizer state to host memory when `offload_optimizer` is set; `mnemax.trainer.loop` logs
+    `zero_stage`; `mnemax.recipes.summary` (`mnemax show`) prints `zero_stage` and passes it
+    and `offload_optimizer` to the ZeRO formula; `mnemax.launch.plan` keeps the `tensor` size
+    of `mesh` and writes `zero_stage`, `remat` and `offload_optimizer` as its candidates'
+    overrides. `mnemax.trainer.recipe.Recipe` holds it as its `strategy` section.
+    """
 
     mesh: str = "data:-1"  # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices
     # ZeRO (Rajbhandari et al. 2020) over the data-parallel axes (data x fsdp): 0 replicates
@@ -28,7 +42,7 @@ class Strategy:
     # dots_with_no_batch_dims_saveable | save_names:NAME,... (keep only the tagged
     # intermediates) | offload_names:NAME,... (keep them in pinned host memory).
     remat: str = "none"
-    memory_sharding: str = "dim"  # memory value tables over data x fsdp: dim | rows | replicated
+    memory_sharding: MemorySharding = "dim"  # memory value tables over data x fsdp
     # Megatron sequence parallelism (Korthikanti et al. 2022): between blocks, activations are
     # split along the sequence over the `tensor` axis instead of being replicated on it.
     sequence_parallel: bool = False
@@ -43,12 +57,7 @@ class Strategy:
                 f"{', '.join(map(str, ZERO_STAGES))} (0 replicated, 1 sharded optimizer state, "
                 "2 + sharded gradients, 3 + sharded parameters)"
             )
-        if self.memory_sharding not in MEMORY_SHARDINGS:
-            raise ConfigError(
-                f"strategy.memory_sharding={self.memory_sharding!r} is unknown; choose dim "
-                "(each device holds a column slice of every row, as Memory+ does), rows or "
-                "replicated"
-            )
+        check_choices(self, "strategy")
         parse_remat(self.remat)
 
 

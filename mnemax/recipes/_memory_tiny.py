@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from mnemax.layers.memory import MemoryConfig
-from mnemax.recipes.schema import Recipe
 from mnemax.recipes.tiny import recipe as tiny
+from mnemax.trainer.recipe import Recipe
 
 
 def tiny_with_memory(name: str, memory: MemoryConfig) -> Recipe:

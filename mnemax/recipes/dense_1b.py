@@ -6,11 +6,11 @@ Point `data.source` at a directory from `mnemax data prepare` with a real tokeni
 
 from mnemax.layers.transformer import TransformerConfig
 from mnemax.parallel.strategy import Strategy
-from mnemax.recipes.schema import Recipe
 from mnemax.trainer.checkpoint import CheckpointConfig
 from mnemax.trainer.config import EvalConfig, RunConfig
 from mnemax.trainer.data import DataConfig
 from mnemax.trainer.optimizer import OptimizerConfig, ScheduleConfig
+from mnemax.trainer.recipe import Recipe
 
 
 def recipe() -> Recipe:

@@ -9,7 +9,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from mnemax.errors import ConfigError, MnemaxError
+from mnemax.errors import ConfigError, MnemaxError, unknown_choice
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -73,7 +73,7 @@ def parse_value(raw: str, hint: Any, key: str) -> Any:
                           f"override {key}={raw!r}: not a valid value of {hint}")
     if origin is typing.Literal:
         if raw not in [str(a) for a in args]:
-            raise ConfigError(f"override {key}={raw!r}: choose one of {', '.join(map(str, args))}")
+            raise unknown_choice(key, raw, args)
         return next(a for a in args if str(a) == raw)
     if origin is tuple:
         items = [s.strip() for s in raw.split(",") if s.strip()]

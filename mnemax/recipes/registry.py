@@ -12,9 +12,9 @@ from pathlib import Path
 import mnemax.recipes
 from mnemax.errors import ConfigError
 from mnemax.recipes.overrides import apply_overrides
-from mnemax.recipes.schema import Recipe
+from mnemax.trainer.recipe import Recipe
 
-_NOT_RECIPES = {"schema", "overrides", "registry", "summary"}  # and _private modules
+_NOT_RECIPES = {"overrides", "registry", "summary"}  # and _private modules
 
 
 def builtin_names() -> list[str]:
@@ -49,7 +49,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     recipe = module.recipe()
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"recipe() in {name_or_path} returned {type(recipe).__name__}, "
-                          "not mnemax.recipes.schema.Recipe")
+                          "not mnemax.trainer.recipe.Recipe")
     if recipe.name == "recipe":
         recipe = dataclasses.replace(recipe, name=default_name)
     return apply_overrides(recipe, overrides)

@@ -10,8 +10,8 @@ the memory's linear layers at the model's own init std, as the paper does.
 
 from mnemax.layers.memory import MemoryConfig
 from mnemax.recipes._memory_tiny import tiny_with_memory
-from mnemax.recipes.schema import Recipe
 from mnemax.recipes.tiny import recipe as tiny
+from mnemax.trainer.recipe import Recipe
 
 
 def recipe() -> Recipe:

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
+
+from mnemax.errors import check_choices
+
+# Activation and matmul dtype (the keys of mnemax.trainer.setup.COMPUTE_DTYPES).
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+NanPolicy = Literal["halt", "skip"]
+NAN_POLICIES = get_args(NanPolicy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,12 +19,15 @@ class RunConfig:
 
     steps: int = 300  # total optimizer steps; a resumed run continues until this step
     grad_accum: int = 1  # micro-batches per step (gradient accumulation inside the step)
-    compute_dtype: str = "bfloat16"  # activations/matmul dtype; params and optimizer stay fp32
+    compute_dtype: ComputeDtype = "bfloat16"  # activations, matmuls; params and Adam stay fp32
     z_loss_weight: float = 1e-4  # weight of the (log Z)^2 auxiliary loss on the output logits
-    nan_policy: str = "halt"  # non-finite loss: halt (stop, keep last good checkpoint) | skip
+    nan_policy: NanPolicy = "halt"  # non-finite loss: halt (keep last good checkpoint) or skip
     log_every: int = 10  # steps between metric lines / JSONL records
     seed: int = 0  # parameter init seed
     peak_flops_per_device: float | None = None  # for MFU; None = look up the device kind
+
+    def __post_init__(self) -> None:
+        check_choices(self, "run")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,11 +17,11 @@ import numpy as np
 from rich.console import Console
 
 from mnemax.errors import CheckpointError, ConfigError, MnemaxError
-from mnemax.recipes.schema import Recipe, recipe_to_dict
 from mnemax.trainer.checkpoint import Checkpointer, abstract_with_shardings
 from mnemax.trainer.data import eval_batches, open_dataset, train_iterator
 from mnemax.trainer.hardware import peak_flops_per_device, peak_memory_bytes
 from mnemax.trainer.metrics import MetricsWriter, format_train_line
+from mnemax.trainer.recipe import Recipe, recipe_to_dict
 from mnemax.trainer.setup import TrainProgram, build_program
 
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import optax
 
-from mnemax.errors import ConfigError
+from mnemax.errors import check_choices, unknown_choice
 from mnemax.layers.roles import DECAYED_ROLES, SPARSE_ROLES
 from mnemax.trainer.compressed_adam import check_moments, scale_by_compressed_adam
+
+OptimizerName = Literal["adamw"]
+# Storage of Adam's moments (the keys of mnemax.trainer.compressed_adam.MOMENT_DTYPES).
+MomentsDtype = Literal["float32", "bfloat16", "float8_e4m3"]
+ScheduleDecay = Literal["cosine", "linear", "constant"]
+OPTIMIZERS = get_args(OptimizerName)
+DECAYS = get_args(ScheduleDecay)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping."""
 
-    name: str = "adamw"  # only adamw for now
+    name: OptimizerName = "adamw"  # only adamw for now
     learning_rate: float = 3e-4  # peak learning rate, reached at the end of warmup
     b1: float = 0.9  # first-moment decay
     b2: float = 0.95  # second-moment decay
@@ -32,8 +39,11 @@ class OptimizerConfig:
     sparse_learning_rate: float | None = None
     # Storage of Adam's two moments between steps: float32 | bfloat16 | float8_e4m3 (COAT,
     # Xi et al. 2025: per-group scale and dynamic range expansion; see compressed_adam.py).
-    moments_dtype: str = "float32"
+    moments_dtype: MomentsDtype = "float32"
     moments_group_size: int = 128  # elements sharing one float8 scale and exponent
+
+    def __post_init__(self) -> None:
+        check_choices(self, "optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +51,12 @@ class ScheduleConfig:
     """Linear warmup, then a decay to `min_lr_ratio * learning_rate`."""
 
     warmup_steps: int = 100  # steps of linear warmup from 0
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: ScheduleDecay = "cosine"
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     decay_steps: int | None = None  # step at which the decay ends; None = run.steps
+
+    def __post_init__(self) -> None:
+        check_choices(self, "schedule")
 
 
 def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
@@ -60,8 +73,7 @@ def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int)
     elif sched.decay == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ConfigError(f"schedule.decay={sched.decay!r} is unknown; choose cosine, linear or "
-                          "constant")
+        raise unknown_choice("schedule.decay", sched.decay, DECAYS)
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -88,8 +100,8 @@ def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule,
     With `opt.moments_dtype` bfloat16 or float8_e4m3 both groups keep their moments compressed
     (`scale_by_compressed_adam`, composed as `optax.adamw` composes `scale_by_adam`); float32
     is optax's own AdamW / Adam."""
-    if opt.name != "adamw":
-        raise ConfigError(f"optimizer.name={opt.name!r} is unknown; available: adamw")
+    if opt.name not in OPTIMIZERS:
+        raise unknown_choice("optimizer.name", opt.name, OPTIMIZERS)
     check_moments(opt.moments_dtype, opt.moments_group_size)
     parts = []
     if opt.clip_norm > 0:

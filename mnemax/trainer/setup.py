@@ -21,7 +21,7 @@ from mnemax.errors import ConfigError
 from mnemax.layers.roles import param_roles
 from mnemax.parallel.mesh import make_mesh
 from mnemax.parallel.remat import HOST_MEMORY_KIND, remat_options
-from mnemax.parallel.rules import logical_axis_rules
+from mnemax.parallel.rules import check_rules_cover, logical_axis_rules
 from mnemax.parallel.sharding import (
     batch_sharding,
     bytes_per_device,
@@ -31,8 +31,8 @@ from mnemax.parallel.sharding import (
     logical_shardings,
 )
 from mnemax.parallel.zero import zero_layout
-from mnemax.recipes.schema import Recipe
 from mnemax.trainer.optimizer import make_optimizer, make_schedule
+from mnemax.trainer.recipe import Recipe
 from mnemax.trainer.step import TrainState, make_eval_step, make_loss_fn, make_train_step
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,14 +70,14 @@ class TrainProgram:
         return "pinned_host" if kinds == {HOST_MEMORY_KIND} else "device"
 
     def memory_per_device(self) -> dict[str, int]:
-        """Bytes of params / grads / optimizer state one device holds under this strategy (the
-        optimizer state in its host memory when `opt_state_memory_kind` is "pinned_host")."""
-        params = self.abstract_state.params
+        """Bytes of params / grads / optimizer state one device holds under this strategy, in
+        its device and host memory together (`mnemax.trainer.memory_report.state_bytes` gives
+        the two apart)."""
+        params, opt_state = self.abstract_state.params, self.abstract_state.opt_state
         return {
-            "params_bytes": bytes_per_device(params, self.state_shardings.params),
-            "grads_bytes": bytes_per_device(params, self.grad_shardings),
-            "opt_state_bytes": bytes_per_device(self.abstract_state.opt_state,
-                                                self.state_shardings.opt_state),
+            "params_bytes": sum(bytes_per_device(params, self.state_shardings.params)),
+            "grads_bytes": sum(bytes_per_device(params, self.grad_shardings)),
+            "opt_state_bytes": sum(bytes_per_device(opt_state, self.state_shardings.opt_state)),
         }
 
     def global_batch(self, local_batch: np.ndarray) -> jax.Array:
@@ -158,6 +158,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
             return model.init(rng, sample)["params"]
 
     boxed_params = jax.eval_shape(init_boxed_params, jax.random.key(0))
+    check_rules_cover(boxed_params, rules)
     roles = param_roles(boxed_params)
     tx = make_optimizer(recipe.optimizer, schedule, roles)
     param_shardings = logical_shardings(boxed_params, mesh, rules)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mnemax.recipes.summary import (
+from mnemax.trainer.memory_report import (
     compiled_gradient_memory,
     state_bytes,
     zero_formula_bytes,

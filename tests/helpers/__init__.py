@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from mnemax.recipes.registry import load_recipe
-from mnemax.recipes.schema import Recipe
+from mnemax.trainer.recipe import Recipe
 
 # A model small enough that a step takes milliseconds on CPU; fp32 so that sharded and
 # unsharded runs agree to 1e-5.

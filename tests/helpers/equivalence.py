@@ -20,7 +20,7 @@ import numpy as np
 
 from mnemax.parallel.strategy import Strategy
 from mnemax.recipes.registry import load_recipe
-from mnemax.recipes.schema import Recipe
+from mnemax.trainer.recipe import Recipe
 from mnemax.trainer.setup import TrainProgram, build_program
 from mnemax.trainer.step import TrainState, split_batch
 from tests.helpers import SMALL

@@ -183,9 +183,10 @@ def test_ultramemv2_init_stds_and_output_variance(config):
 
 
 def test_unknown_or_inapplicable_init_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"memory\.init='xavier' is not a known .*ultramemv2"):
+    with pytest.raises(ConfigError, match=r"model\.memory\.init='xavier' is unknown; choose one "
+                                          r"of default, ultramemv2"):
         MemoryConfig(init="xavier").validate(64, 2)
-    with pytest.raises(ConfigError, match=r"set memory\.peer_activation=none"):
+    with pytest.raises(ConfigError, match=r"set model\.memory\.peer_activation=none"):
         MemoryConfig(variant="peer", init="ultramemv2").validate(64, 2)
     with pytest.raises(ConfigError, match="memory_plus / gated=true is not covered"):
         load_recipe("memory_plus_tiny", ["model.memory.init=ultramemv2"]).model.build()
@@ -285,9 +286,9 @@ def test_pkm_grad_accum_equals_one_batch():
 
 
 def test_batchnorm_query_norm_cannot_decode():
-    with pytest.raises(ValueError, match=r"memory\.query_norm=batchnorm .* statistics over the "
-                                         r"batch and time.* cannot decode.*memory\.query_norm="
-                                         r"layernorm or rmsnorm"):
+    with pytest.raises(ConfigError, match=r"model\.memory\.query_norm=batchnorm .* statistics "
+                                          r"over the batch and time.* cannot decode.*"
+                                          r"model\.memory\.query_norm=layernorm or rmsnorm"):
         MemoryConfig(query_norm="batchnorm").check_decodable()
     for norm in ("none", "layernorm", "rmsnorm"):
         MemoryConfig(query_norm=norm).check_decodable()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mnemax.errors import CheckpointError
-from mnemax.layers.transformer import TransformerConfig, mean_keys_attended
+from mnemax.layers.components.attention import mean_keys_attended
+from mnemax.layers.transformer import TransformerConfig
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.checkpoint import Checkpointer
 from mnemax.trainer.hardware import peak_flops_for_kind

@@ -1,14 +1,18 @@
 """Backend selection shared by the kernel ops in `mnemax/layers/kernels/`.
 
-Every op exposes `impl in {"auto", "reference", "pallas", "pallas_interpret"}`:
+Every op exposes `impl in {"auto", "reference", "pallas", "pallas_interpret"}` and chooses
+through `select`:
 
-- `"auto"`: `jax.lax.platform_dependent(cuda=<GPU kernel>, tpu=<TPU kernel>, default=<reference>)`.
-  The choice is made when the function is *lowered* for a platform, not from
-  `jax.default_backend()`, so a function traced on a CPU-only host still carries the GPU and
-  TPU kernels: `jax.export(..., platforms=["cuda"])` works from a laptop inside
-  `lowering_for("cuda")`, which names the chip the kernels are built for (jax >= 0.12 refuses
-  to lower a Pallas kernel for a platform with no device of that kind and no named chip).
-- `"reference"`: the plain-jnp reference everywhere.
+- `"auto"`: the kernel on the platforms the op lists in `auto_platforms` (those where a
+  benchmark showed the kernel faster than the XLA path; see `benchmarks/RESULTS.md`), the
+  reference everywhere else. Chosen by `jax.lax.platform_dependent` when the function is
+  *lowered* for a platform, not from `jax.default_backend()`, so a function traced on a
+  CPU-only host still carries the GPU and TPU kernels: `jax.export(..., platforms=["cuda"])`
+  works from a laptop inside `lowering_for("cuda")`, which names the chip the kernels are built
+  for (jax >= 0.12 refuses to lower a Pallas kernel for a platform with no device of that kind
+  and no named chip).
+- `"reference"`: the plain-jnp path everywhere (no Pallas). An op with several jnp algorithms
+  (gated delta's chunk and recurrent forms) picks among them with an argument of its own.
 - `"pallas"`: the compiled kernel of the platform it is lowered for. CPU has no compiled Pallas
   kernel, so there it runs the kernel in interpret mode (slow; for checking, not for training).
 - `"pallas_interpret"`: the kernel in interpret mode on any platform; `interpret_backend`
@@ -23,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from typing import Literal, get_args
 
 import jax
 
-IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
+IMPLS = get_args(Impl)
 INTERPRET_BACKENDS = ("gpu", "tpu")
 GPU_TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 TPU_CUSTOM_CALL = "tpu_custom_call"
@@ -99,27 +105,41 @@ def select(
     tpu: Callable | None,
     gpu_interpret: Callable | None,
     tpu_interpret: Callable | None,
+    auto_platforms: Collection[str],
     interpret_backend: str = "gpu",
 ) -> Callable:
-    """Returns the function `impl` asks for; all callables take the same positional arrays.
+    """Returns the function `impl` asks for; all callables take the same positional arguments.
 
     A kernel given as None means "this op has no such kernel for these shapes": that platform
     falls back to `reference` (for "auto" and "pallas") or raises (for "pallas_interpret").
+    `auto_platforms` ("cuda", "tpu"): where `auto` runs the kernel; name a platform only once
+    the kernel was measured faster there than the XLA path.
     """
     check_impl(impl, interpret_backend)
+    unknown = set(auto_platforms) - set(DEFAULT_CHIPS)
+    if unknown:
+        raise ValueError(f"auto_platforms {sorted(unknown)} are not kernel platforms; name some "
+                         f"of {tuple(DEFAULT_CHIPS)}.")
     if impl == "reference":
         return reference
     interpret = gpu_interpret if interpret_backend == "gpu" else tpu_interpret
     if impl == "pallas_interpret":
         if interpret is None:
-            raise ValueError(f"no {interpret_backend} kernel for these shapes; use "
+            raise ValueError(f"this op has no {interpret_backend} kernel (for these shapes); use "
                              "impl='reference' or the other interpret_backend.")
         return interpret
-    # "pallas" off GPU/TPU: the interpreted kernel; "auto" off GPU/TPU: the reference.
-    default = interpret if impl == "pallas" and interpret is not None else reference
+    kernels = {"cuda": gpu, "tpu": tpu}
+    if impl == "auto":
+        kernels = {p: kernels[p] for p in auto_platforms}
+        default = reference
+    else:  # "pallas" off GPU/TPU: the interpreted kernel
+        default = interpret if interpret is not None else reference
+    branches = {p: k for p, k in kernels.items() if k is not None}
+    if not branches and default is reference:
+        return reference  # nothing to choose: no dead branches in the lowered program
 
     def dispatched(*args):
-        return jax.lax.platform_dependent(
-            *args, cuda=gpu or reference, tpu=tpu or reference, default=default)
+        return jax.lax.platform_dependent(*args, **{p: branches.get(p, reference)
+                                                    for p in kernels}, default=default)
 
     return dispatched

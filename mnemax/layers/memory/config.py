@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, get_args
 
-from mnemax.errors import ConfigError
+from mnemax.errors import ConfigError, check_choices
+from mnemax.layers.kernels.dispatch import Impl
 
-VARIANTS = ("pkm", "memory_plus", "ultramem", "peer")
-QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
-INITS = ("default", "ultramemv2")
-PEER_ACTIVATIONS = ("gelu", "none")
+MemoryVariant = Literal["pkm", "memory_plus", "ultramem", "peer"]
+QueryNorm = Literal["none", "layernorm", "rmsnorm", "batchnorm"]
+MemoryMode = Literal["replace", "parallel"]
+PeerActivation = Literal["gelu", "none"]
+MemoryInit = Literal["default", "ultramemv2"]
+
+VARIANTS = get_args(MemoryVariant)
+QUERY_NORMS = get_args(QueryNorm)
+MODES = get_args(MemoryMode)
+PEER_ACTIVATIONS = get_args(PeerActivation)
+INITS = get_args(MemoryInit)
+PATH = "model.memory"  # where a recipe holds this config; error messages name keys under it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +36,7 @@ class MemoryConfig:
     every block (`layers`), `mode="parallel"` and a smaller FFN (`ffn_ratio`).
     """
 
-    variant: str = "pkm"  # pkm | memory_plus | ultramem | peer
+    variant: MemoryVariant = "pkm"
     num_rows: int = 65536  # slots N (virtual slots with value_expansion > 1); a perfect square
     num_heads: int = 4  # retrieval heads; their reads are summed
     topk: int = 32  # slots read per head
@@ -34,22 +44,25 @@ class MemoryConfig:
     value_dim: int | None = None  # width of a value row; None = d_model; != d_model: projected
     # none | layernorm | rmsnorm (per token) | batchnorm (statistics over batch and time:
     # non-causal, changes with run.grad_accum, unusable for decoding; see check_decodable)
-    query_norm: str = "layernorm"
+    query_norm: QueryNorm = "layernorm"
     qk_norm: bool = False  # L2-normalise query halves and sub-keys (cosine scores), Memory+
     gated: bool = False  # out = W_o(silu(W_g x) * memory(x)) ("swilu"), Memory+
     tucker_rank: int = 0  # UltraMem: rank of the Tucker core; 0 = plain row + column sum
     value_expansion: int = 1  # UltraMem: virtual rows per physical row, read through projections
     layers: tuple[int, ...] = ()  # indices of the blocks that hold a memory
-    mode: str = "replace"  # replace: memory instead of the block's FFN; parallel: beside it
+    mode: MemoryMode = "replace"  # replace: memory instead of the FFN; parallel: beside it
     ffn_ratio: float = 1.0  # parallel mode: FFN hidden width multiplier (UltraMemV2's knob)
     shared: bool = False  # one value table shared by all memory layers (Memory+)
     value_init_std: float | None = None  # None = 1 / sqrt(value_dim) (keeps reads O(1))
     pre_value_dim: int | None = None  # peer: None = experts read x; d_p = x through one linear
-    peer_activation: str = "gelu"  # peer: gelu (PEER) | none (UltraMemV2 drops it, its Eq. 15)
+    peer_activation: PeerActivation = "gelu"  # peer: gelu (PEER); none (UltraMemV2, its Eq. 15)
     # default: fan-in stds | ultramemv2: UltraMemV2's variance-matched init (its Sec. 3.5, App. A)
-    init: str = "default"
+    init: MemoryInit = "default"
     init_linear_std: float | None = None  # ultramemv2: std of every linear; None = sqrt(0.4 / D)
-    impl: str = "auto"  # embedding_bag implementation: auto | reference | pallas
+    impl: Impl = "auto"  # embedding_bag backend (see mnemax.layers.kernels.dispatch)
+
+    def __post_init__(self) -> None:
+        check_choices(self, PATH)
 
     @property
     def subkeys(self) -> int:
@@ -69,71 +82,61 @@ class MemoryConfig:
         return fan_in**-0.5
 
     def check_decodable(self) -> None:
-        """Raises ValueError unless each token's memory read depends only on that token and the
+        """Raises ConfigError unless each token's memory read depends only on that token and the
         ones before it, as decoding (generating one token at a time) needs. Decode and generate
         code calls this before it starts."""
         if self.query_norm == "batchnorm":
-            raise ValueError(
-                "memory.query_norm=batchnorm normalises queries with statistics over the batch "
+            raise ConfigError(
+                f"{PATH}.query_norm=batchnorm normalises queries with statistics over the batch "
                 "and time, so a token's read depends on later tokens and one decoded token gets "
                 "q = 0: this model cannot decode. Train with a per-token norm "
-                "(memory.query_norm=layernorm or rmsnorm)")
+                f"({PATH}.query_norm=layernorm or rmsnorm)")
 
     def validate(self, d_model: int, num_layers: int) -> None:
-        """Raises ValueError naming the field that cannot build a memory."""
-        if self.variant not in VARIANTS:
-            raise ValueError(f"memory.variant={self.variant!r}: choose one of "
-                             f"{', '.join(VARIANTS)}")
+        """Raises ConfigError naming the field (by its override path, `model.memory.topk`) that
+        cannot build a memory."""
+        check_choices(self, PATH)
         if self.subkeys**2 != self.num_rows:
-            raise ValueError(f"memory.num_rows={self.num_rows} is not a perfect square; product "
-                             f"keys need N = n^2 (e.g. {self.subkeys**2} or "
-                             f"{(self.subkeys + 1) ** 2})")
+            raise ConfigError(f"{PATH}.num_rows={self.num_rows} is not a perfect square; product "
+                              f"keys need N = n^2 (e.g. {self.subkeys**2} or "
+                              f"{(self.subkeys + 1) ** 2})")
         if self.topk > self.subkeys:
-            raise ValueError(f"memory.topk={self.topk} exceeds the {self.subkeys} sub-keys per "
-                             "half; lower topk or raise num_rows")
+            raise ConfigError(f"{PATH}.topk={self.topk} exceeds the {self.subkeys} sub-keys per "
+                              f"half; lower topk or raise {PATH}.num_rows")
         if self.key_dim % 2:
-            raise ValueError(f"memory.key_dim={self.key_dim} must be even (two halves)")
-        if self.query_norm not in QUERY_NORMS:
-            raise ValueError(f"memory.query_norm={self.query_norm!r}: choose one of "
-                             f"{', '.join(QUERY_NORMS)}")
-        if self.mode not in ("replace", "parallel"):
-            raise ValueError(f"memory.mode={self.mode!r}: choose replace or parallel")
+            raise ConfigError(f"{PATH}.key_dim={self.key_dim} must be even (two halves)")
         if self.num_rows % self.value_expansion:
-            raise ValueError(f"memory.num_rows={self.num_rows} is not divisible by "
-                             f"memory.value_expansion={self.value_expansion}")
+            raise ConfigError(f"{PATH}.num_rows={self.num_rows} is not divisible by "
+                              f"{PATH}.value_expansion={self.value_expansion}")
         if self.variant == "peer" and self.value_expansion != 1:
-            raise ValueError("memory.variant=peer reads whole experts: set value_expansion=1")
+            raise ConfigError(f"{PATH}.variant=peer reads whole experts: set "
+                              f"{PATH}.value_expansion=1")
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"memory.layers={self.layers} names blocks {bad} outside the "
-                             f"model's {num_layers} layers")
+            raise ConfigError(f"{PATH}.layers={self.layers} names blocks {bad} outside the "
+                              f"model's {num_layers} layers")
         del d_model
         self._validate_peer_and_init()
 
     def _validate_peer_and_init(self) -> None:
         """Raises ConfigError for a PEER option or an initialisation that cannot apply."""
-        if self.peer_activation not in PEER_ACTIVATIONS:
-            raise ConfigError(f"memory.peer_activation={self.peer_activation!r}: choose one of "
-                              f"{', '.join(PEER_ACTIVATIONS)}")
         if self.variant != "peer" and self.pre_value_dim is not None:
-            raise ConfigError(f"memory.pre_value_dim={self.pre_value_dim} only applies to "
+            raise ConfigError(f"{PATH}.pre_value_dim={self.pre_value_dim} only applies to "
                               f"variant=peer (got variant={self.variant!r}); unset it")
-        if self.init not in INITS:
-            raise ConfigError(f"memory.init={self.init!r} is not a known initialisation: choose "
-                              f"one of {', '.join(INITS)}")
         if self.init != "ultramemv2":
             return
         if self.gated or self.variant == "memory_plus":
-            raise ConfigError("memory.init=ultramemv2 derives the output variance of an ungated "
+            raise ConfigError(f"{PATH}.init=ultramemv2 derives the output variance of an ungated "
                               "memory; the SiLU gate of memory_plus / gated=true is not covered: "
                               "set init=default or use variant pkm, ultramem or peer")
         if self.variant == "peer" and self.peer_activation != "none":
-            raise ConfigError("memory.init=ultramemv2 follows UltraMemV2's activation-free experts "
-                              "(its Eq. 15): set memory.peer_activation=none or init=default")
+            raise ConfigError(f"{PATH}.init=ultramemv2 follows UltraMemV2's activation-free "
+                              f"experts (its Eq. 15): set {PATH}.peer_activation=none or "
+                              "init=default")
         if self.shared:
-            raise ConfigError("memory.init=ultramemv2 sets each layer's value std from that "
+            raise ConfigError(f"{PATH}.init=ultramemv2 sets each layer's value std from that "
                               "layer's shape; a table shared by all layers is not covered: set "
-                              "memory.shared=false or init=default")
+                              f"{PATH}.shared=false or init=default")
         if self.value_init_std is not None:
-            raise ConfigError(f"memory.value_init_std={self.value_init_std} conflicts with "
+            raise ConfigError(f"{PATH}.value_init_std={self.value_init_std} conflicts with "
                               "init=ultramemv2, which derives the value std: unset one of them")

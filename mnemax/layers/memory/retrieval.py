@@ -10,16 +10,12 @@ import jax.numpy as jnp
 from mnemax.layers import axes
 from mnemax.layers.kernels.product_keys import product_key_topk
 from mnemax.layers.memory.config import MemoryConfig
+from mnemax.layers.primitives import l2_normalize, rms_normalize
 
 MEMORY_HEADS = "memory_heads"
 MEMORY_KEYS = "memory_keys"
 MEMORY_KEY_DIM = "memory_key_dim"
 MEMORY_RANK = "memory_rank"
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _normalize_query(q: jax.Array, kind: str) -> jax.Array:
@@ -43,7 +39,7 @@ def _normalize_query(q: jax.Array, kind: str) -> jax.Array:
         return ((q32 - mean) * jax.lax.rsqrt(var + 1e-5)).astype(q.dtype)
     if kind == "layernorm":
         q32 = q32 - jnp.mean(q32, -1, keepdims=True)
-    return (q32 * jax.lax.rsqrt(jnp.mean(q32 * q32, -1, keepdims=True) + 1e-6)).astype(q.dtype)
+    return rms_normalize(q32, 1e-6).astype(q.dtype)
 
 
 def _leading_singular_vectors(core: jax.Array, iters: int = 8) -> tuple[jax.Array, jax.Array]:
@@ -51,8 +47,8 @@ def _leading_singular_vectors(core: jax.Array, iters: int = 8) -> tuple[jax.Arra
     core = jax.lax.stop_gradient(core.astype(jnp.float32))
     v = jnp.ones(core.shape[-1], jnp.float32) / core.shape[-1] ** 0.5
     for _ in range(iters):
-        u = _l2_normalize(core @ v)
-        v = _l2_normalize(core.T @ u)
+        u = l2_normalize(core @ v)
+        v = l2_normalize(core.T @ u)
     return u, v
 
 
@@ -90,7 +86,7 @@ class ProductKeyRetrieval(nn.Module):
             (heads, 2, n, half),
         ).astype(x.dtype)
         if cfg.qk_norm:
-            q, subkeys = _l2_normalize(q), _l2_normalize(subkeys)
+            q, subkeys = l2_normalize(q), l2_normalize(subkeys)
 
         if cfg.tucker_rank == 0:
             scores, indices = [], []

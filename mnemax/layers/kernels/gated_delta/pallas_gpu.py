@@ -1,6 +1,6 @@
 """Pallas GPU (Triton) kernel for the sequential part of the chunked gated delta rule.
 
-The chunk form (`gated_delta.py`) splits into per-chunk work that is independent across chunks
+The chunk form (`chunk.py`) splits into per-chunk work that is independent across chunks
 (the UT transform, the masked in-chunk attention: big batched matmuls that XLA does well) and a
 scan over chunks that carries the `[d_k, d_v]` state. This kernel runs that scan: one program per
 (batch * head, block of `d_v` columns) keeps its `[d_k, block_v]` slice of the state on chip for
@@ -21,6 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mnemax.layers.kernels.tiling import is_pow2
+
 GPU_NUM_WARPS = 4
 MAX_BLOCK_V = 64
 HIGHEST = lax.Precision.HIGHEST  # fp32 operands stay fp32 (no TF32) in the state recurrence
@@ -28,9 +30,9 @@ HIGHEST = lax.Precision.HIGHEST  # fp32 operands stay fp32 (no TF32) in the stat
 
 def supported(chunk: int, d_k: int, d_v: int) -> bool:
     """Whether the kernel handles these sizes (Triton `dot` wants powers of two >= 16)."""
-    pow2 = lambda n: n >= 16 and n & (n - 1) == 0
-    return pow2(chunk) and pow2(d_k) and pow2(min(d_v, MAX_BLOCK_V)) and d_v % min(
-        d_v, MAX_BLOCK_V) == 0
+    block_v = min(d_v, MAX_BLOCK_V)
+    return (is_pow2(chunk, 16) and is_pow2(d_k, 16) and is_pow2(block_v, 16)
+            and d_v % block_v == 0)
 
 
 def _inter_kernel(w_ref, u0_ref, attn_ref, qd_ref, kd_ref, decay_ref, s0_ref, o_ref, s_ref):

@@ -1,4 +1,9 @@
-"""The recipe: one frozen dataclass tree that says everything a run does."""
+"""The recipe: one frozen dataclass tree that says everything a run does.
+
+It lives in the trainer, the lowest layer that knows every section's config (the strategy from
+`mnemax.parallel`, data / optimizer / checkpoint / run from the trainer), so that the trainer
+reads it without importing `mnemax.recipes`, where the built-in recipes that fill it in live.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,26 @@
+"""Weighted embedding bag: the value read of product-key memory layers.
+
+`out[t] = sum_k weights[t, k] * table[indices[t, k]]` (Lample et al. 2019; Memory+, Berges et al.
+2024, whose custom GPU embedding-bag backward this mirrors; PEER's expert read has the same shape).
+
+Shapes and dtypes:
+- `table [N, d]` fp32 or bf16; `indices [..., K]` int32 in [0, N); `weights [..., K]` float.
+- `out [..., d]` in **table dtype** (Memory+ consumes the memory output in the model's compute
+  dtype, which is the dtype the table is cast to), accumulated in fp32 whatever the table dtype.
+- Gradients: `d_weights[t, k] = d_out[t] . table[indices[t, k]]` (fp32 accumulation, returned in
+  weights dtype) and `d_table[r] = sum_{(t, k): indices[t, k] = r} weights[t, k] * d_out[t]`
+  (returned in table dtype). Heads are folded into K by the caller (`[T, H, K] -> [T, H*K]`).
+
+Determinism: d_table never uses float atomics. The (row, token, weight) triples are sorted by row
+with a stable sort, so every row's contributions are summed by one program in token order; two
+runs give bitwise-equal gradients.
+
+Files: `reference.py` (plain jnp forward and backward), `pallas_gpu.py` (Triton kernels),
+`pallas_tpu.py` (Mosaic kernels), `op.py` (`embedding_bag`: checks, `dispatch.select`,
+`custom_vjp`). All kernels run under `interpret=True` on CPU in tests.
+"""
+
+from mnemax.layers.kernels.embedding_bag.op import AUTO_PLATFORMS, embedding_bag
+from mnemax.layers.kernels.embedding_bag.reference import reference, reference_backward
+
+__all__ = ["AUTO_PLATFORMS", "embedding_bag", "reference", "reference_backward"]

@@ -23,7 +23,15 @@ import jax.numpy as jnp
 from mnemax.errors import check_choices
 from mnemax.layers import axes
 from mnemax.layers.attention import AttentionImpl
-from mnemax.layers.components import FFNS, MIXERS, BlockContext, Component, all_components
+from mnemax.layers.components import (
+    FFNS,
+    MIXERS,
+    MODEL_STATE,
+    STATE_STATS,
+    BlockContext,
+    Component,
+    all_components,
+)
 from mnemax.layers.components.base import make_param
 from mnemax.layers.gated_delta import GatedDeltaConfig
 from mnemax.layers.memory import MemoryConfig
@@ -157,6 +165,29 @@ class TransformerConfig:
         total += self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
         return total + sum(math.prod(p.shape) for p in self.shared_params())
 
+    def update_model_state(self, state: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+        """The model's MODEL_STATE after one step: each block component's `update_state` on its
+        own variables (`layer_<i>/<module>` in looped models; `layers/block/<module>`, one block
+        at a time, in scanned ones). `stats` is the step's STATE_STATS, same tree."""
+        new = dict(state)
+        for key, blocks in state.items():
+            if key == "layers":  # nn.scan: every leaf has a leading layers axis
+                components, update = self.block_components(0), jax.vmap
+                blocks, block_stats = blocks["block"], stats.get("layers", {}).get("block", {})
+            elif key.startswith("layer_"):
+                components, update = self.block_components(int(key[len("layer_"):])), None
+                block_stats = stats.get(key, {})
+            else:
+                raise ValueError(f"model state {key!r} belongs to no block")
+            by_module = {c.module_name: c for c in components}
+            out = {}
+            for module, sub in blocks.items():
+                fn = by_module[module].update_state
+                sub_stats = block_stats.get(module, {})
+                out[module] = (update(fn) if update else fn)(sub, sub_stats)
+            new[key] = {"block": out} if key == "layers" else out
+        return new
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): each block's
         components (`Component.flops_per_token`) and 6 x the output projection's parameters."""
@@ -264,7 +295,7 @@ class Transformer(nn.Module):
         if scanned:
             stack = nn.scan(
                 _ScanBody,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, MODEL_STATE: 0, STATE_STATS: 0},
                 split_rngs={"params": True},
                 in_axes=nn.broadcast,
                 length=cfg.num_layers,

@@ -76,18 +76,40 @@ class Checkpointer:
         in the current strategy's layout (which may differ from the one that wrote them).
         """
         path = self.directory / str(step)
+        # Checkpoints written before the train state had `model_state` hold the other fields
+        # only: restore those; the caller starts the model state from its initial value.
+        without_model_state = (hasattr(abstract_state, "model_state")
+                               and not self._has_model_state(path))
+        target = abstract_state
+        if without_model_state:
+            target = {"step": abstract_state.step, "params": abstract_state.params,
+                      "opt_state": abstract_state.opt_state}
         try:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=ocp.args.StandardRestore(target),
                     data=ocp.args.JsonRestore(),
                     recipe=ocp.args.JsonRestore(),
                 ),
             )
         except Exception as err:  # orbax/tensorstore raise many types
-            raise self._restore_error(path, abstract_state, err) from err
-        return restored.state, restored.data, restored.recipe
+            raise self._restore_error(path, target, err) from err
+        state = restored.state
+        if without_model_state:
+            state = abstract_state.replace(step=state["step"], params=state["params"],
+                                           opt_state=state["opt_state"], model_state=None)
+        return state, restored.data, restored.recipe
+
+    @staticmethod
+    def _has_model_state(path: Path) -> bool:
+        """Whether checkpoint `path`'s train state has a `model_state` entry (True when its
+        metadata cannot be read: the restore then reports what is wrong)."""
+        try:
+            tree = ocp.StandardCheckpointer().metadata(path / "state").item_metadata.tree
+        except Exception:
+            return True
+        return not isinstance(tree, dict) or "model_state" in tree
 
     @staticmethod
     def _restore_error(path: Path, abstract_state: Any, err: Exception) -> CheckpointError:

@@ -66,9 +66,10 @@ def check_vocab(recipe: Recipe) -> None:
         )
 
 
-def evaluate_params(program: TrainProgram, params: Any, batches: list[np.ndarray]) -> dict:
-    """Mean validation cross entropy and perplexity over `batches`."""
-    losses = [program.eval_step(params, program.global_batch(b)) for b in batches]
+def evaluate_params(program: TrainProgram, state: Any, batches: list[np.ndarray]) -> dict:
+    """Mean validation cross entropy and perplexity of `state`'s model over `batches`."""
+    losses = [program.eval_step(state.params, program.global_batch(b), state.model_state)
+              for b in batches]
     loss = float(np.mean([float(x) for x in losses]))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
@@ -111,7 +112,16 @@ def _restore(program: TrainProgram, ckpt: Checkpointer, step: int, recipe: Recip
     if saved is not None:
         check_same_state(saved, recipe, step, ckpt.directory)
     target = abstract_with_shardings(program.abstract_state, program.state_shardings)
-    return ckpt.restore(step, target)
+    state, data, saved_recipe = ckpt.restore(step, target)
+    if state.model_state is None:  # a checkpoint from before the train state had one
+        fresh = {}
+        if jax.tree.leaves(program.abstract_state.model_state):
+            fresh = program.init(jax.random.key(recipe.run.seed)).model_state
+            console = Console(highlight=False)
+            console.print(f"checkpoint {ckpt.directory / str(step)} has no model state (it was "
+                          "written before mnemax kept one): starting it from its initial value")
+        state = state.replace(model_state=fresh)
+    return state, data, saved_recipe
 
 
 def resume_schedule(recipe: Recipe, saved: dict | None, console: Console) -> Recipe:
@@ -237,7 +247,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
             # end, whether or not the step is also a logging step.
             eval_due = bool(val_batches) and (step % recipe.eval.every == 0
                                               or step == run.steps)
-            evaluation = evaluate_params(program, state.params, val_batches) if eval_due else {}
+            evaluation = evaluate_params(program, state, val_batches) if eval_due else {}
             logged = False
             for s, m in host:
                 if s % run.log_every and s != run.steps:
@@ -294,4 +304,4 @@ def evaluate(recipe: Recipe, run_dir: str | Path, *, batches: int | None = None)
     ckpt.close()
     val = eval_batches(recipe.data, batches or recipe.eval.batches,
                        process_index=jax.process_index(), process_count=jax.process_count())
-    return {"step": step, **evaluate_params(program, state.params, val)}
+    return {"step": step, **evaluate_params(program, state, val)}

@@ -34,6 +34,10 @@ class ModelConfig(Protocol):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward)."""
 
+    # Optional: `update_model_state(state, stats) -> state`, the model's non-parameter state
+    # (its `model_state` flax collection) after a step, from the `state_stats` it recorded,
+    # averaged over the step's micro-batches. Models without one keep `{}`.
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:

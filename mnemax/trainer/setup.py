@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
+from mnemax.layers.components.base import MODEL_STATE
 from mnemax.layers.roles import param_roles
 from mnemax.parallel.mesh import make_mesh
 from mnemax.parallel.remat import HOST_MEMORY_KIND, remat_options
@@ -53,7 +54,7 @@ class TrainProgram:
     batch_sharding: NamedSharding
     init: Callable[[jax.Array], TrainState]  # rng -> sharded state
     train_step: Callable  # (state, batch) -> (state, metrics); donates state
-    eval_step: Callable  # (params, batch) -> mean cross entropy
+    eval_step: Callable  # (params, batch, model_state) -> mean cross entropy
     loss_fn: Callable  # (params, inputs, targets) -> (objective, metrics), as the step uses it
     tx: optax.GradientTransformation  # the optimizer the step applies
     roles: Any  # the params' tree of roles (mnemax.layers.roles): decay and learning-rate groups
@@ -153,12 +154,15 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     schedule = make_schedule(recipe.optimizer, recipe.schedule, recipe.run.steps)
     sample = jnp.zeros((1, recipe.data.seq_len), jnp.int32)
 
-    def init_boxed_params(rng):
+    def init_boxed(rng):
+        """(params, non-parameter model state), both with their logical axis names."""
         with nn.logical_axis_rules(rules):
-            return model.init(rng, sample)["params"]
+            variables = model.init(rng, sample)
+        return variables["params"], dict(variables.get(MODEL_STATE, {}))
 
-    boxed_params = jax.eval_shape(init_boxed_params, jax.random.key(0))
+    boxed_params, boxed_model_state = jax.eval_shape(init_boxed, jax.random.key(0))
     check_rules_cover(boxed_params, rules)
+    check_rules_cover(boxed_model_state, rules)
     roles = param_roles(boxed_params)
     tx = make_optimizer(recipe.optimizer, schedule, roles)
     param_shardings = logical_shardings(boxed_params, mesh, rules)
@@ -179,15 +183,20 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND),
                                      opt_shardings)
         host_opt_shardings = opt_shardings
+    # Non-parameter model state is laid out by the same logical rules as the parameters.
+    model_state_shardings = logical_shardings(boxed_model_state, mesh, rules)
+    abstract_model_state = nn.unbox(boxed_model_state)
+    check_divisible(abstract_model_state, model_state_shardings, what="model state")
     state_shardings = TrainState(step=replicated, params=layout.params,
-                                 opt_state=opt_shardings)
+                                 opt_state=opt_shardings, model_state=model_state_shardings)
     abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
+        model_state=abstract_model_state)
 
     def init(rng):
-        params = nn.unbox(init_boxed_params(rng))
+        params, model_state = nn.unbox(init_boxed(rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params))
+                          opt_state=tx.init(params), model_state=model_state)
 
     loss_fn = make_loss_fn(model, COMPUTE_DTYPES[recipe.run.compute_dtype],
                            recipe.run.z_loss_weight, rules)
@@ -197,13 +206,16 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
                               skip_nonfinite=recipe.run.nan_policy == "skip",
                               micro_batch_sharding=micro_sh,
                               grad_shardings=grad_shardings,
-                              host_opt_shardings=host_opt_shardings)
+                              host_opt_shardings=host_opt_shardings,
+                              update_model_state=getattr(recipe.model, "update_model_state",
+                                                         None))
 
     with jax.set_mesh(mesh):
         jit_init = jax.jit(init, out_shardings=state_shardings)
         jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
                            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        jit_eval = jax.jit(make_eval_step(loss_fn), in_shardings=(param_shardings, batch_sh),
+        jit_eval = jax.jit(make_eval_step(loss_fn),
+                           in_shardings=(param_shardings, batch_sh, model_state_shardings),
                            out_shardings=replicated)
 
     return TrainProgram(

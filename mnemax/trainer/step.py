@@ -16,17 +16,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mnemax.layers.components.base import MODEL_STATE, STATE_STATS
 from mnemax.trainer.loss import cross_entropy
 
 AUX_LOSS_PREFIX = "loss/"
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a step reads and writes: the step counter, fp32 params and optimizer state."""
+    """Everything a step reads and writes: the step counter, fp32 params, optimizer state and
+    the model's non-parameter state (`{}` for models without any)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = flax.struct.field(default_factory=dict)
+
+
+# The entry of a loss function's metrics that carries the statistics the model's state update
+# needs (averaged over micro-batches with the other metrics; never logged).
+STATE_STATS_METRIC = "_state_stats"
 
 
 def split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -36,18 +44,25 @@ def split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_loss_fn(model: nn.Module, compute_dtype: jnp.dtype, z_loss_weight: float,
                  rules: Any) -> Callable:
-    """`loss_fn(params, inputs, targets) -> (objective, metrics)` in mixed precision.
+    """`loss_fn(params, inputs, targets, model_state=None) -> (objective, metrics)` in mixed
+    precision.
 
-    fp32 master params are cast to `compute_dtype` here, so gradients come back in fp32.
+    fp32 master params are cast to `compute_dtype` here, so gradients come back in fp32; the
+    model state stays fp32. `metrics[STATE_STATS_METRIC]` holds what the model recorded for its
+    state update (`{}` for models without state).
     """
 
-    def loss_fn(params, inputs, targets):
+    def loss_fn(params, inputs, targets, model_state=None):
         compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        variables = {"params": compute_params}
+        if model_state:
+            variables[MODEL_STATE] = model_state
         with nn.logical_axis_rules(rules):
-            logits, aux = model.apply({"params": compute_params}, inputs)
+            (logits, aux), recorded = model.apply(variables, inputs, mutable=[STATE_STATS])
         ce, z = cross_entropy(logits, targets)
         objective = ce + z_loss_weight * z
-        metrics = {"loss": ce, "z_loss": z}
+        metrics = {"loss": ce, "z_loss": z,
+                   STATE_STATS_METRIC: dict(recorded.get(STATE_STATS, {}))}
         for name, value in aux.items():
             value = jnp.asarray(value, jnp.float32)
             if name.startswith(AUX_LOSS_PREFIX):
@@ -68,6 +83,7 @@ def make_train_step(
     micro_batch_sharding: Any = None,
     grad_shardings: Any = None,
     host_opt_shardings: Any = None,
+    update_model_state: Callable | None = None,
 ) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`.
 
@@ -82,13 +98,16 @@ def make_train_step(
     `host_opt_shardings` (optimizer-state offload) are the state's shardings in pinned host
     memory: the state is moved to device memory with the same layout for the update and the
     new state back to the host (MaxText's optimizer_memory_host_offload).
+    `update_model_state(state, stats)` updates the model's non-parameter state once per step
+    from the statistics averaged over all micro-batches (outside the gradient, so Adam and
+    weight decay never see it); a skipped non-finite step leaves it unchanged too.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: jax.Array):
         inputs, targets = split_batch(batch)
         if grad_accum == 1:
-            (_, metrics), grads = grad_fn(state.params, inputs, targets)
+            (_, metrics), grads = grad_fn(state.params, inputs, targets, state.model_state)
         else:
             def to_micro(x):
                 x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
@@ -98,13 +117,13 @@ def make_train_step(
 
             def accumulate(carry, micro):
                 grads_sum, metrics_sum = carry
-                (_, metrics), grads = grad_fn(state.params, *micro)
+                (_, metrics), grads = grad_fn(state.params, *micro, state.model_state)
                 return (jax.tree.map(jnp.add, grads_sum, grads),
                         jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             metrics_shape = jax.eval_shape(
-                lambda: grad_fn(state.params, inputs[:1], targets[:1])[0][1])
+                lambda: grad_fn(state.params, inputs[:1], targets[:1], state.model_state)[0][1])
             metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
             (grads, metrics), _ = jax.lax.scan(
                 accumulate, (zeros, metric_zeros), (to_micro(inputs), to_micro(targets)))
@@ -121,12 +140,18 @@ def make_train_step(
         updates, opt_state = tx.update(grads, old_opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        stats = metrics.pop(STATE_STATS_METRIC)
+        model_state = state.model_state
+        if update_model_state is not None and model_state:
+            model_state = update_model_state(model_state, stats)
         if skip_nonfinite:
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state), (state.params, old_opt_state))
+            params, opt_state, model_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+                (state.params, old_opt_state, state.model_state))
         if host_opt_shardings is not None:
             opt_state = jax.device_put(opt_state, host_opt_shardings)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               model_state=model_state)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(optimizer_step(old_opt_state,
                                                                          state.step)),
                        finite=finite.astype(jnp.float32))
@@ -145,11 +170,11 @@ def optimizer_step(opt_state: Any, default: jax.Array) -> jax.Array:
 
 
 def make_eval_step(loss_fn: Callable) -> Callable:
-    """`eval_step(params, batch) -> mean token cross entropy` of one batch."""
+    """`eval_step(params, batch, model_state={}) -> mean token cross entropy` of one batch."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, model_state=None):
         inputs, targets = split_batch(batch)
-        _, metrics = loss_fn(params, inputs, targets)
+        _, metrics = loss_fn(params, inputs, targets, model_state)
         return metrics["loss"]
 
     return eval_step

@@ -11,6 +11,8 @@ from mnemax.layers.components import memory  # noqa: F401
 from mnemax.layers.components.base import (
     FFNS,
     MIXERS,
+    MODEL_STATE,
+    STATE_STATS,
     BlockContext,
     Component,
     SharedParam,
@@ -23,5 +25,6 @@ from mnemax.layers.components.base import (
     unregister,
 )
 
-__all__ = ["FFNS", "MIXERS", "BlockContext", "Component", "SharedParam", "all_components",
-           "axis_roles", "axis_sharding", "register", "registered", "remat_names", "unregister"]
+__all__ = ["FFNS", "MIXERS", "MODEL_STATE", "STATE_STATS", "BlockContext", "Component",
+           "SharedParam", "all_components", "axis_roles", "axis_sharding", "register",
+           "registered", "remat_names", "unregister"]

@@ -12,6 +12,8 @@ frozen config registered by name, in the manner of torchtitan's `Configurable.bu
 - `param_count(ctx)` and `flops_per_token(ctx, seq_len)` (training: forward + backward) of the
   component in one block; parameters it shares across blocks are declared once by
   `shared_params(model)` and counted once by the model;
+- `update_state(state, stats)`: its non-parameter state (MODEL_STATE variables) after a step,
+  from the statistics it recorded (STATE_STATS), once per step whatever the micro-batching;
 - class-level declarations: `remat_names` (the `checkpoint_name` tags it sets), `aux_keys`
   (the names it puts in `aux`), `axis_roles` (the optimizer role of parameters with one of its
   own logical axes, see `mnemax.layers.roles`), `axis_sharding` (each new logical axis it
@@ -38,6 +40,13 @@ import flax.linen as nn
 import jax
 
 ComponentKind = Literal["mixer", "ffn"]
+# Flax collections of non-parameter model state (MoE's balancing bias, running statistics):
+# components keep it in MODEL_STATE variables and put the statistics its update needs in
+# STATE_STATS (`self.put_variable(STATE_STATS, name, value)`); the trainer averages the
+# statistics over a step's micro-batches and calls `update_state` once per step. It is never a
+# parameter: no gradient, no Adam, no weight decay.
+MODEL_STATE = "model_state"
+STATE_STATS = "state_stats"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,12 @@ class Component:
     @classmethod
     def shared_params(cls, model: Any) -> tuple[SharedParam, ...]:
         return ()
+
+    def update_state(self, state: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+        """This component's MODEL_STATE variables after one step, from their values before it
+        and the step's STATE_STATS (averaged over its micro-batches). Leaves of stacked
+        (scanned) blocks are updated one block at a time (`jax.vmap`)."""
+        return state
 
     def init_cache(self, ctx: BlockContext, batch: int) -> Any:
         """The decoding cache of this component for `batch` sequences (None: no cache)."""

@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("MNEMAX_CACHE", tempfile.mkdtemp(prefix="mnemax-test-cache-"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu's compile-only topologies (TPU compile tests) take a machine-wide lock file by default,
+# so a second process (the other pytest worker, another suite) fails with "ABORTED: ... libtpu
+# multi-process lockfile"; compile-only use needs no exclusive TPU access.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Many tests compile the same small programs (and CLI tests run them in subprocesses): a
 # compilation cache shared by the pytest workers and their children compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MNEMAX_CACHE"], "xla"))

@@ -18,8 +18,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
 
+from mnemax.launch.compile import quiet_compile_only_libtpu
 from mnemax.recipes.registry import load_recipe
 from tests.helpers import SMALL
+
+# Tests compile for TPU topologies on machines without TPU chips: no metadata look-ups, no
+# libtpu error paragraphs.
+quiet_compile_only_libtpu()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The `mnemax` command line: train, eval, show, plan, data prepare, recipes.
+"""The `mnemax` command line: train, eval, show, compile, plan, data prepare, recipes.
 
 This is a public interface that scripts depend on; change it only compatibly.
 """
@@ -45,17 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--compiled", action="store_true",
                       help="also compile the train step and report XLA's per-device memory")
 
+    compiler = sub.add_parser(
+        "compile", help="compile the recipe's init and train step for a TPU topology on any "
+                        "machine (libtpu's compile-only topologies): memory per chip, fit, "
+                        "FLOPs, the compiler's step estimate")
+    _add_recipe_args(compiler)
+    compiler.add_argument("--topology", required=True, metavar="NAME",
+                          help="TPU slice, e.g. v5e:2x2, v5p:2x2x1, v5p:2x2x2, v6e:2x2")
+    compiler.add_argument("--json", action="store_true", help="print one JSON object")
+
     planner = sub.add_parser(
         "plan", help="fastest ZeRO stage / remat / offload / grad_accum / mesh that fits a "
                      "memory budget (compiled on fake CPU devices)")
     _add_recipe_args(planner)
-    planner.add_argument("--devices", type=int, required=True,
-                         help="number of devices to plan for, e.g. 64")
+    planner.add_argument("--topology", default=None, metavar="NAME",
+                         help="plan for a TPU slice (e.g. v5p:2x2x2) with the real TPU "
+                              "compiler (libtpu compile-only); replaces the three flags below")
+    planner.add_argument("--devices", type=int, default=None,
+                         help="number of GPUs to plan for, e.g. 64")
     planner.add_argument("--memory-per-device", default=None, metavar="SIZE",
                          help="budget per device: 80GB (10^9 bytes), 80GiB or 80G (2^30 "
                               "bytes); default: the device kind's memory")
-    planner.add_argument("--device-kind", default="h100",
-                         help="accelerator for the FLOP/s and bandwidth figures: h100, h200, "
+    planner.add_argument("--device-kind", default=None,
+                         help="GPU for the FLOP/s and bandwidth figures: h100, h200, "
                               "a100, b200 (default h100)")
     planner.add_argument("--json", action="store_true", help="print one JSON object")
     planner.add_argument("--no-cache", action="store_true",
@@ -112,16 +124,46 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from mnemax.launch.compile import compile_recipe, print_report, require_fit
+
+    report = compile_recipe(args.recipe, args.overrides, args.topology,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print_report(report)
+    require_fit(report)
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from mnemax.errors import ConfigError
     from mnemax.launch.plan import plan, require_fit
     from mnemax.launch.plan_cost import hardware, parse_memory
     from mnemax.launch.plan_report import print_plan
 
-    hw = hardware(args.device_kind)
-    budget = (parse_memory(args.memory_per_device) if args.memory_per_device is not None
-              else hw.memory_bytes)
-    result = plan(args.recipe, args.overrides, devices=args.devices, budget=budget, hw=hw,
-                  cache=not args.no_cache,
+    gpu_flags = {"--devices": args.devices, "--memory-per-device": args.memory_per_device,
+                 "--device-kind": args.device_kind}
+    if args.topology is not None:
+        given = [flag for flag, value in gpu_flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"--topology {args.topology} gives the chips, their number and "
+                              f"their memory; drop {', '.join(given)}")
+        from mnemax.launch.compile import tpu_hardware, tpu_topology_devices
+
+        chips = tpu_topology_devices(args.topology)
+        hw, devices = tpu_hardware(chips[0]), len(chips)
+        budget = hw.memory_bytes
+    else:
+        if args.devices is None:
+            raise ConfigError("mnemax plan needs --devices N (GPUs, with --memory-per-device "
+                              "and --device-kind) or --topology NAME (a TPU slice)")
+        hw, devices = hardware(args.device_kind or "h100"), args.devices
+        budget = (parse_memory(args.memory_per_device) if args.memory_per_device is not None
+                  else hw.memory_bytes)
+    result = plan(args.recipe, args.overrides, devices=devices, budget=budget, hw=hw,
+                  cache=not args.no_cache, topology=args.topology,
                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result.to_json()))
@@ -150,12 +192,16 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show, "plan": _cmd_plan,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show, "compile": _cmd_compile,
+            "plan": _cmd_plan,
             "recipes": _cmd_recipes, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mnemax.launch.platforms import skip_absent_tpu
+
+    skip_absent_tpu()
     try:
         return COMMANDS[args.command](args)
     except MnemaxError as err:

@@ -12,6 +12,12 @@ devices): 1. the exact state bytes per device from each candidate's shardings (n
 device) and of the step time (`plan_cost`); 3. in order of estimated step time, compile the
 candidates whose estimate is within `PRUNE_MARGIN` of the budget until one fits. Results are
 cached on disk (`$MNEMAX_CACHE/plan`) per recipe, candidate and code version.
+
+A candidate fits when its compiled peak is within the budget less the hardware's stated margin
+(`plan_cost.GPU_MEMORY_MARGIN`, `TPU_MEMORY_MARGIN`). For a TPU slice (`topology`), step 3
+uses the real TPU compiler on libtpu's compile-only topology instead of the CPU stand-in
+(`mnemax.launch.compile`): the `TPU_FINALISTS` fastest candidates by the model that pass the
+estimate are compiled, and among those that fit the compiler's own step estimate decides.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Compile a candidate whose estimated peak is under budget / PRUNE_MARGIN (the estimate leaves
 # out XLA's workspace but adds gradients and residuals that are not all live at once).
 PRUNE_MARGIN = 0.9
+# TPU: candidates compiled for real (each is two compiles: the step, and its loop-free twin for
+# the estimate) before the compiler's step estimate picks among those that fit.
+TPU_FINALISTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +98,17 @@ class PlanResult:
     devices: int
     hardware: Hardware
     notes: list[str]
+    topology: str | None = None
+
+    @property
+    def usable_bytes(self) -> int:
+        """The budget less the hardware's margin: what a compiled peak must stay under."""
+        return int(self.budget_bytes * (1.0 - self.hardware.memory_margin))
 
     def to_json(self) -> dict[str, Any]:
         return {"best": self.best, "candidates": self.rows, "budget_bytes": self.budget_bytes,
-                "devices": self.devices, "device_kind": self.hardware.kind,
+                "usable_bytes": self.usable_bytes, "devices": self.devices,
+                "device_kind": self.hardware.kind, "topology": self.topology,
                 "hardware": dataclasses.asdict(self.hardware), "notes": self.notes}
 
 
@@ -101,13 +117,16 @@ class Planner:
 
     def __init__(self, recipe_arg: str, overrides: list[str], devices: int, budget: int,
                  hw: Hardware, *, in_process: bool = False, cache_dir: Path | None = None,
-                 log: Callable[[str], None] = lambda _msg: None) -> None:
+                 log: Callable[[str], None] = lambda _msg: None,
+                 topology: str | None = None) -> None:
         from mnemax.parallel.strategy import parse_mesh
         from mnemax.recipes.registry import load_recipe
 
         self.recipe_arg, self.overrides = recipe_arg, list(overrides)
         self.recipe = load_recipe(recipe_arg, self.overrides)
         self.devices, self.budget, self.hw, self.log = devices, budget, hw, log
+        self.topology = topology
+        self.usable = int(budget * (1.0 - hw.memory_margin))
         self.in_process = in_process
         self.cache = MeasurementCache(cache_dir)
         self._worker: Any = None
@@ -178,19 +197,29 @@ class Planner:
             raise ConfigError(f"{self.recipe.name} does not build with "
                               f"{' '.join(first.overrides())}: {probe['error']}")
         policies = REMAT_POLICIES
-        notes = ["memory: XLA:CPU's memory analysis of the train step compiled for "
-                 f"{self.devices} fake CPU devices stands in for {self.hw.kind} (an estimate)"]
+        margin = (f"; a candidate fits in {format_bytes(self.usable)} = the budget less "
+                  f"{self.hw.memory_margin:.0%} (what that peak does not see)")
+        if self.topology:
+            notes = [f"memory and the final ranking: the TPU compiler for {self.topology} "
+                     f"(libtpu compile-only), its {TPU_FINALISTS} fastest candidates by the "
+                     "model below ranked by the compiler's step estimate" + margin]
+        else:
+            notes = ["memory: XLA:CPU's memory analysis of the train step compiled for "
+                     f"{self.devices} fake CPU devices stands in for {self.hw.kind} (an "
+                     "estimate)" + margin]
         if probe["names"]:
             policies += ("offload_names:" + ",".join(probe["names"]),)
             notes.append(f"offload_names = {', '.join(probe['names'])} (the intermediates the "
-                         "model tags); their residuals go to pinned host memory, which XLA:CPU "
-                         "does not model: they are taken off the compiled peak")
+                         "model tags); their residuals go to pinned host memory" + (
+                             ", which the TPU compiler counts apart" if self.topology else
+                             ", which XLA:CPU does not model: they are taken off the compiled "
+                             "peak"))
         else:
             notes.append("no offload_names policy: the model tags no intermediates")
         rows = [self._row(c) for c in candidates(data.global_batch, self.devices, self.tensor,
                                                 policies)]
         best = self._search(rows)
-        return PlanResult(rows, best, self.budget, self.devices, self.hw, notes)
+        return PlanResult(rows, best, self.budget, self.devices, self.hw, notes, self.topology)
 
     def _row(self, cand: Candidate) -> dict[str, Any]:
         row = {**dataclasses.asdict(cand), "fits": None, "peak_bytes": None,
@@ -202,7 +231,7 @@ class Planner:
             return row
         resident = state["params_bytes"] + state["opt_state_bytes"] + state["grads_bytes"]
         row["host_bytes"] = state["host_params_bytes"] + state["host_opt_state_bytes"]
-        if resident > self.budget:
+        if resident > self.usable:
             row.update(fits=False, est_peak_bytes=resident,
                        status=f"params + grads + optimizer state alone "
                               f"{format_bytes(resident)} > budget")
@@ -259,24 +288,29 @@ class Planner:
         ranked = sorted((r for r in rows if r["est_step_s"] is not None),
                         key=lambda r: (round(math.log(r["est_step_s"]) / math.log(1.001)),
                                        r["grad_accum"], r["est_peak_bytes"]))
-        best = None
+        # GPU: the first that fits by the model's order. TPU: the fastest by the compiler's
+        # estimate among the first TPU_FINALISTS that fit.
+        wanted = TPU_FINALISTS if self.topology else 1
+        fitting: list[dict[str, Any]] = []
         # compiled / estimated peak, lowest seen so far: the estimate leaves XLA's workspace
         # out, so once compiles show how much it adds, prune with that (conservatively).
         ratios: list[float] = []
         for count, row in enumerate(ranked, 1):
             ratio = min(ratios, default=1.0)
-            if row["est_peak_bytes"] * ratio * PRUNE_MARGIN > self.budget:
+            if row["est_peak_bytes"] * ratio * PRUNE_MARGIN > self.usable:
                 estimate = format_bytes(row["est_peak_bytes"])
                 row.update(fits=False,
                            status=f"estimated peak {estimate} > budget (not compiled)")
                 continue
-            if best is not None:
+            if len(fitting) >= wanted:
                 row["status"] = "not compiled: ranked after the chosen one"
                 continue
             cand = Candidate(**{f.name: row[f.name] for f in dataclasses.fields(Candidate)})
-            compiled = self._ask({"op": "compile", "overrides": cand.overrides()},
-                                 label=f"compiling candidate {count}/{len(ranked)}: "
-                                       f"{' '.join(cand.overrides())}")
+            request: dict[str, Any] = {"op": "compile", "overrides": cand.overrides()}
+            if self.topology:
+                request = {**request, "op": "tpu_compile", "topology": self.topology}
+            compiled = self._ask(request, label=f"compiling candidate {count}/{len(ranked)}: "
+                                                f"{' '.join(cand.overrides())}")
             if "error" in compiled:
                 row.update(fits=False, status=f"fails to compile: {compiled['error']}")
                 continue
@@ -284,12 +318,20 @@ class Planner:
             if compiled.get("platform") == "cpu":
                 peak -= row.get("host_activation_bytes", 0)
             row["peak_bytes"] = peak
+            if "compiled_step_s" in compiled:
+                row["compiled_step_s"] = compiled["compiled_step_s"]
             ratios.append(peak / max(row["est_peak_bytes"], 1))
-            if peak <= self.budget:
-                row.update(fits=True, chosen=True, status="fits: chosen (fastest estimate)")
-                best = row
+            if peak <= self.usable:
+                row.update(fits=True, status="fits")
+                fitting.append(row)
             else:
                 row.update(fits=False, status=f"compiled peak {format_bytes(peak)} > budget")
+        if not fitting:
+            return None
+        best = min(fitting, key=lambda r: r.get("compiled_step_s", 0.0)) if self.topology \
+            else fitting[0]
+        by = "compiler's step estimate" if self.topology else "estimate"
+        best.update(chosen=True, status=f"fits: chosen (fastest {by})")
         return best
 
 
@@ -309,14 +351,16 @@ class PlannerFailure(RuntimeError):
 
 def plan(recipe: str, overrides: list[str], *, devices: int, budget: int, hw: Hardware,
          in_process: bool = False, cache: bool = True,
-         log: Callable[[str], None] = lambda _msg: None) -> PlanResult:
+         log: Callable[[str], None] = lambda _msg: None,
+         topology: str | None = None) -> PlanResult:
     """The fastest configuration of `recipe` that fits `budget` bytes per device on `devices`
-    devices of kind `hw` (see the module docstring); `result.best` is None if nothing fits."""
+    devices of kind `hw` (see the module docstring), or on the chips of TPU `topology`;
+    `result.best` is None if nothing fits."""
     from mnemax.trainer.data.corpus import cache_root
 
     directory = cache_root() / "plan" if cache else None
     planner = Planner(recipe, overrides, devices, budget, hw, in_process=in_process,
-                      cache_dir=directory, log=log)
+                      cache_dir=directory, log=log, topology=topology)
     try:
         return planner.run()
     finally:
@@ -333,11 +377,16 @@ def require_fit(result: PlanResult) -> dict[str, Any]:
         raise ConfigError("no configuration could be built; see the table for each error")
     smallest = min(measured, key=lambda r: r["peak_bytes"] or r["est_peak_bytes"])
     need = smallest["peak_bytes"] or smallest["est_peak_bytes"]
+    margin = result.hardware.memory_margin
+    where = (f"on {result.topology}" if result.topology
+             else f"per device on {result.devices} devices")
+    fix = ("use a larger TPU --topology" if result.topology else
+           f"raise --memory-per-device to at least {format_bytes(need / (1.0 - margin))}, plan "
+           "for more --devices")
     raise ConfigError(
-        f"nothing fits in {format_bytes(result.budget_bytes)} per device on {result.devices} "
-        f"devices: the smallest peak is {format_bytes(need)} (stage {smallest['zero_stage']}, "
-        f"remat {smallest['remat'].partition(':')[0]}, mesh {smallest['mesh']}, grad_accum "
-        f"{smallest['grad_accum']}). Raise --memory-per-device to at least "
-        f"{format_bytes(need)}, plan for more --devices, or shrink the model or "
-        "data.global_batch / data.seq_len"
+        f"nothing fits in {format_bytes(result.usable_bytes)} ({format_bytes(result.budget_bytes)}"
+        f" less a {margin:.0%} margin) {where}: the smallest peak is {format_bytes(need)} "
+        f"(stage {smallest['zero_stage']}, remat {smallest['remat'].partition(':')[0]}, mesh "
+        f"{smallest['mesh']}, grad_accum {smallest['grad_accum']}). {fix[0].upper()}{fix[1:]}, "
+        "or shrink the model or data.global_batch / data.seq_len"
     )

@@ -37,22 +37,47 @@ class Hardware:
     intra_node_bytes_per_s: float  # one direction, per device (NVLink)
     inter_node_bytes_per_s: float  # one direction, per device (one NIC per device)
     host_bytes_per_s: float  # device <-> pinned host memory (PCIe), one direction
+    platform: str = "gpu"  # "gpu", or "tpu" (then `kind` is jax's device_kind, "TPU v5")
+    # Share of `memory_bytes` the planner leaves unplanned: what the compiled peak it checks
+    # does not see (see GPU_MEMORY_MARGIN and TPU_MEMORY_MARGIN).
+    memory_margin: float = 0.0
 
     @property
     def peak_flops(self) -> float:
         """Dense bf16 peak FLOP/s from `mnemax.trainer.hardware`'s table."""
         from mnemax.trainer.hardware import peak_flops_for_kind
 
-        return peak_flops_for_kind("gpu", self.kind)
+        return peak_flops_for_kind(self.platform, self.kind)
 
+
+# GPU plans check XLA:CPU's compiled peak, a stand-in: XLA:GPU assigns buffers differently,
+# and the CUDA context, cuBLAS / cuDNN workspaces and NCCL buffers (1-3 GB on an H100) sit outside
+# XLA's count. A candidate must fit in 90% of the budget.
+GPU_MEMORY_MARGIN = 0.10
+# TPU plans check the real TPU compiler's peak; the runtime keeps a little HBM for itself
+# (program binaries, infeed / outfeed, collectives' scratch). A candidate must fit in 95%.
+TPU_MEMORY_MARGIN = 0.05
 
 # NVLink 4 (H100/H200): 900 GB/s both ways; NDR InfiniBand 400 Gb/s per GPU; PCIe 5.0 x16
 # ~55 GB/s achieved. A100: NVLink 3 600 GB/s, HDR 200 Gb/s, PCIe 4.0 ~25 GB/s. B200: NVLink 5.
 HARDWARE = {
-    "h100": Hardware("h100", 80 * 10**9, 8, 450e9, 50e9, 55e9),
-    "h200": Hardware("h200", 141 * 10**9, 8, 450e9, 50e9, 55e9),
-    "a100": Hardware("a100", 80 * 10**9, 8, 300e9, 25e9, 25e9),
-    "b200": Hardware("b200", 180 * 10**9, 8, 900e9, 50e9, 55e9),
+    "h100": Hardware("h100", 80 * 10**9, 8, 450e9, 50e9, 55e9, "gpu", GPU_MEMORY_MARGIN),
+    "h200": Hardware("h200", 141 * 10**9, 8, 450e9, 50e9, 55e9, "gpu", GPU_MEMORY_MARGIN),
+    "a100": Hardware("a100", 80 * 10**9, 8, 300e9, 25e9, 25e9, "gpu", GPU_MEMORY_MARGIN),
+    "b200": Hardware("b200", 180 * 10**9, 8, 900e9, 50e9, 55e9, "gpu", GPU_MEMORY_MARGIN),
+}
+# TPU chips by jax's device_kind, for the planner's pre-ranking (its final ranking uses the TPU
+# compiler's own step estimate). A slice is one ICI domain (node_size = the largest slice);
+# ICI per chip, one direction, from Cloud TPU's pages (v4 2400, v5e 1600, v5p 4800, v6e 3584
+# Gbit/s both ways); host transfers over PCIe 4.0 (~25 GB/s). HBM: `mnemax.launch.compile`.
+_GIB = 2**30
+TPU_HARDWARE = {
+    "TPU v4": Hardware("TPU v4", 32 * _GIB, 4096, 150e9, 25e9, 25e9, "tpu", TPU_MEMORY_MARGIN),
+    "TPU v5 lite": Hardware("TPU v5 lite", 16 * _GIB, 256, 100e9, 25e9, 25e9, "tpu",
+                            TPU_MEMORY_MARGIN),
+    "TPU v5": Hardware("TPU v5", 95 * _GIB, 8960, 300e9, 25e9, 25e9, "tpu", TPU_MEMORY_MARGIN),
+    "TPU v6 lite": Hardware("TPU v6 lite", 32 * _GIB, 256, 224e9, 25e9, 25e9, "tpu",
+                            TPU_MEMORY_MARGIN),
 }
 
 

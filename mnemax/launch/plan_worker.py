@@ -116,8 +116,23 @@ class Measurer:
         return {**raw, "host_state_bytes": host, "peak_bytes": step_peak_bytes(raw, host),
                 "platform": self.devices[0].platform}
 
+    def tpu_compile(self, extra: list[str], topology: str) -> dict[str, Any]:
+        """The real TPU compiler's figures for the candidate on `topology`'s chips
+        (`mnemax.launch.compile`): the step's peak and the compiler's step estimate with loop
+        bodies counted by their trip counts."""
+        from mnemax.launch.compile import CompileError, compile_recipe
+
+        try:
+            report = compile_recipe(self.recipe, [*self.overrides, *extra], topology)
+        except CompileError as err:  # the compiler refused it: more than the chip's HBM
+            return {"error": str(err), "kind": "oom"}
+        return {**report.step, "peak_bytes": report.peak_bytes_per_chip,
+                "compiled_step_s": report.estimated_step_s, "platform": "tpu",
+                "compile_s": report.compile_s + report.estimate_compile_s}
+
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Runs one request `{"op": "state"|"residuals"|"compile", "overrides": [...], ...}`;
+        """Runs one request `{"op": "state"|"residuals"|"compile"|"tpu_compile", "overrides":
+        [...], ...}`;
         a configuration that cannot be built or compiled answers `{"error": message}`."""
         op, extra = request["op"], request["overrides"]
         try:
@@ -127,6 +142,8 @@ class Measurer:
                 return self.residuals(extra, request["rows"])
             if op == "compile":
                 return self.compile(extra)
+            if op == "tpu_compile":
+                return self.tpu_compile(extra, request["topology"])
         except MnemaxError as err:
             return {"error": str(err), "kind": "config"}
         except Exception as err:

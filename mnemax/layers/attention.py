@@ -1,21 +1,30 @@
 """Causal grouped-query attention (Ainslie et al., "GQA", 2023) with RoPE.
 
-The score/softmax/value product goes through `jax.nn.dot_product_attention`, which picks cuDNN
-flash attention on GPU when the shapes allow and XLA elsewhere.
+The score/softmax/value product is `mnemax.layers.kernels.attention.causal_attention`: splash
+attention (Pallas flash attention) on TPU, the XLA path of `jax.nn.dot_product_attention`
+elsewhere, by platform at lowering time (`impl` forces one).
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from mnemax.layers import axes, checkpoint_names
+from mnemax.layers.kernels.attention import AttentionImpl, causal_attention
 from mnemax.layers.rope import apply_rope
 
-AttentionImpl = Literal["auto", "xla", "cudnn"]
+__all__ = ["AttentionImpl", "GroupedQueryAttention"]
+
+
+def _kernel_spec(logical: tuple[str | None, ...]) -> jax.sharding.PartitionSpec | None:
+    """The mesh axes the active logical rules give `logical`, for the attention kernel's
+    `shard_map`; None without a mesh in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return nn.logical_to_mesh_axes(logical)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -25,7 +34,9 @@ class GroupedQueryAttention(nn.Module):
     Parameters: `q: [embed, heads, head_dim]`, `k`, `v: [embed, kv_heads, head_dim]`,
     `o: [heads, head_dim, embed]`.
     Tags for remat policies: `attn_q`, `attn_k`, `attn_v` (projections, before RoPE) and
-    `attn_out` (`[batch, time, heads, head_dim]`, before the output projection).
+    `attn_out` (`[batch, time, heads, head_dim]`, before the output projection; splash's own
+    residuals, its output and log-sum-exp, carry the same name, so saving `attn_out` also
+    spares the backward pass a rerun of the forward kernel).
     """
 
     num_heads: int
@@ -34,7 +45,7 @@ class GroupedQueryAttention(nn.Module):
     rope_theta: float = 10_000.0
     init_std: float = 0.02
     out_init_std: float = 0.02
-    impl: AttentionImpl = "auto"
+    impl: AttentionImpl = "auto"  # auto | xla | cudnn | splash (see kernels/attention/op.py)
     window: int | None = None  # sliding window (tokens, itself included); None = full causal
 
     @nn.compact
@@ -64,10 +75,9 @@ class GroupedQueryAttention(nn.Module):
         v = checkpoint_name(v, checkpoint_names.ATTN_V)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
-        impl = None if self.impl == "auto" else self.impl
-        local = None if self.window is None else (self.window - 1, 0)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
-                                           local_window_size=local)
+        out = causal_attention(q, k, v, window=self.window, impl=self.impl,
+                               spec=_kernel_spec(q_axes),
+                               residual_name=checkpoint_names.ATTN_OUT)
         out = checkpoint_name(out, checkpoint_names.ATTN_OUT)
         o_kernel = self.param(
             "o",

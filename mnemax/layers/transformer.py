@@ -54,7 +54,7 @@ class TransformerConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the input embedding as the output projection
     init_std: float = 0.02  # std of weight init; output projections get init_std / sqrt(2 L)
-    attention_impl: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend
+    attention_impl: AttentionImpl = "auto"  # auto (splash on TPU, XLA else) | xla | cudnn | splash
     scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
     memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
     # Sequence mixer of each block, repeated over the depth, by registered name: attention |

@@ -1,6 +1,7 @@
 """embedding_bag: kernels (interpret mode) against the jnp reference and its autodiff; lowering
 for cuda and tpu from this CPU host; dispatch."""
 
+import functools
 import time
 
 import jax
@@ -101,12 +102,17 @@ def test_export_lowers_kernels(platform):
     name = {"cuda": dispatch.GPU_TRITON_CUSTOM_CALL, "tpu": dispatch.TPU_CUSTOM_CALL}[platform]
 
     def fwd(t, i, w):
-        return embedding_bag(t, i, w)
+        return embedding_bag(t, i, w, impl="pallas")
 
     def fwd_bwd(t, i, w):
         return jax.grad(lambda t, w: jnp.sum(fwd(t, i, w).astype(jnp.float32) ** 2),
                         (0, 1))(t, w)
 
+    with dispatch.lowering_for(platform):  # `auto`: the XLA path until measured there
+        auto = jax.export.export(jax.jit(lambda t, i, w: embedding_bag(t, i, w)),
+                                 platforms=[platform],
+                                 disabled_checks=dispatch.export_disabled_checks())(table, idx, w)
+    assert f"@{name}(" not in auto.mlir_module()
     for fn, calls in [(fwd, 1), (fwd_bwd, 3)]:  # fwd; fwd + d_weights + d_table
         with dispatch.lowering_for(platform):  # H100 / TPU v5p: this host has neither
             exported = jax.export.export(jax.jit(fn), platforms=[platform],
@@ -160,10 +166,80 @@ def test_lowering_for_names_the_chip_and_keeps_the_mesh():
         table, idx, w, _ = _inputs(jnp.bfloat16)
         idx, w = (jax.device_put(a, jax.NamedSharding(mesh, jax.P("data"))) for a in (idx, w))
         with dispatch.lowering_for(dispatch.H100):
-            exported = jax.export.export(jax.jit(embedding_bag), platforms=["cuda"],
+            exported = jax.export.export(jax.jit(functools.partial(embedding_bag,
+                                                                   impl="pallas")),
+                                         platforms=["cuda"],
                                          disabled_checks=dispatch.export_disabled_checks())(
                                              table, idx, w)
         assert exported.nr_devices == 8
         assert exported.mlir_module().count(f"@{dispatch.GPU_TRITON_CUSTOM_CALL}(") == 1
     with pytest.raises(ValueError, match=r"lowering_for\('rocm'\)"), dispatch.lowering_for("rocm"):
         pass
+
+
+# Production blocking in interpret mode: K = 32 picks, value dims of 3 x 128 and 4 x 512 column
+# blocks, T not a multiple of the 8-token block, T*K spanning several 128-triple d_table steps,
+# odd row counts (the bf16 word view pads a row), few rows (long d_table segments).
+# (fp32 tables take the same kernels' single-row copies, checked at small shapes above.)
+PROD_BLOCKING = [(37, 384, 21, jnp.bfloat16), (64, 2048, 12, jnp.bfloat16)]
+
+
+def _bound(exact, terms_abs_sum, n_terms, dtype):
+    """Error bound of an fp32-accumulated sum of `n_terms` products, rounded once to `dtype`.
+
+    Recursive fp32 summation of n fp32-rounded products errs by at most
+    delta = (n + 1) * 2^-24 * sum|terms| (Higham, gamma_n); the final rounding to `dtype` adds
+    half an ulp of the result, at most u * (|exact| + delta) with u = 2^-8 (bf16) or 2^-24.
+    Summing in bf16 instead errs by ~2^-8 per addition (checked to fail this bound below)."""
+    u = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-24
+    delta = (n_terms + 1) * 2.0**-24 * terms_abs_sum
+    return u * (np.abs(exact) + delta) + delta + 1e-30
+
+
+@pytest.mark.parametrize("n,d,t,dtype", PROD_BLOCKING,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_tpu_kernels_match_exact_sums_at_production_blocking(n, d, t, dtype):
+    k = 32
+    kt, ki, kw, kg = jax.random.split(jax.random.key(3), 4)
+    table = jax.random.normal(kt, (n, d), jnp.float32).astype(dtype)
+    idx = jax.random.randint(ki, (t, k), 0, n).astype(jnp.int32)
+    w = jax.random.normal(kw, (t, k), jnp.float32)
+    g = jax.random.normal(kg, (t, d), jnp.float32).astype(dtype)
+
+    def kernel(tb, i, ww):
+        return embedding_bag(tb, i, ww, impl="pallas_interpret", interpret_backend="tpu")
+
+    out, dt, dw = _value_and_grads(kernel, table, idx, w, g)
+    # Exact sums in float64 from the same (bf16-representable) inputs.
+    t64, w64, g64 = (np.asarray(a, np.float64) for a in (table, w, g))
+    i = np.asarray(idx)
+    terms = w64[:, :, None] * t64[i]  # [T, K, d]
+    out_x, out_s = terms.sum(1), np.abs(terms).sum(1)
+    dw_terms = g64[:, None, :] * t64[i]  # [T, K, d]
+    dw_x, dw_s = dw_terms.sum(2), np.abs(dw_terms).sum(2)
+    dt_x, dt_s = np.zeros((n, d)), np.zeros((n, d))
+    np.add.at(dt_x, i.reshape(-1), (w64[:, :, None] * g64[:, None, :]).reshape(-1, d))
+    np.add.at(dt_s, i.reshape(-1), np.abs(w64[:, :, None] * g64[:, None, :]).reshape(-1, d))
+    uses = np.bincount(i.reshape(-1), minlength=n)[:, None]
+    checks = [("out", out, out_x, _bound(out_x, out_s, k, dtype)),
+              ("d_weights", dw, dw_x, _bound(dw_x, dw_s, d, jnp.float32)),
+              ("d_table", dt, dt_x, _bound(dt_x, dt_s, uses.max(), dtype))]
+    for name, got, exact, bound in checks:
+        err = np.abs(np.asarray(got, np.float64) - exact)
+        assert (err <= bound).all(), (name, float((err / bound).max()))
+    if dtype == jnp.bfloat16:  # the bound rejects a kernel that sums in bf16
+        acc = np.zeros((t, d), np.float32)
+        for j in range(k):
+            acc = np.asarray(jnp.asarray(acc + terms[:, j], jnp.float32).astype(jnp.bfloat16),
+                             np.float32)
+        assert (np.abs(acc - out_x) > _bound(out_x, out_s, k, dtype)).any()
+
+
+def test_gpu_kernels_refuse_tables_whose_offsets_overflow_int32():
+    # Triton's element offsets are int32: the production 2^20 x 2048 table (last offset
+    # 2^31 - 1) is the largest it takes; one more row would wrap around to negative offsets.
+    from mnemax.layers.kernels.embedding_bag import pallas_gpu
+
+    assert pallas_gpu.supported(2048, 2**20, 16384)
+    assert not pallas_gpu.supported(2048, 2**20 + 1, 16384)
+    assert not pallas_gpu.supported(2048, 1024, 2**20 + 1)

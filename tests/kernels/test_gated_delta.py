@@ -17,8 +17,13 @@ from mnemax.layers.kernels.gated_delta import (
     gated_delta_rule,
     gated_delta_step,
     impl_and_form,
+    pallas_gpu,
 )
-from mnemax.layers.kernels.gated_delta.chunk import _unit_lower_inverse
+from mnemax.layers.kernels.gated_delta.chunk import (
+    _chunk_intra,
+    _inter_scan_kernel_layout,
+    _unit_lower_inverse,
+)
 
 B, H, DK, DV = 2, 2, 16, 32
 CHUNK = 64
@@ -226,25 +231,110 @@ def test_bad_arguments_raise_clear_errors():
         gated_delta_rule(q, k, v[:, :4], g, beta)
 
 
+def kernel_inputs(q, k, v, g, beta, chunk=CHUNK):
+    """The Triton kernel's inputs `[b * h, n, C, .]`, fp32, as `chunk_gated_delta_rule` builds
+    them (zero-padded in time, then `_chunk_intra`)."""
+    batch, time, heads, d_k = q.shape
+    pad = -time % chunk
+
+    def to_chunks(x):  # [b, t, h, ...] -> [b * h, n, C, ...]
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.moveaxis(x.reshape(batch, -1, chunk, heads, *x.shape[3:]), 3, 1)
+        return x.reshape(batch * heads, -1, chunk, *x.shape[4:])
+
+    return _chunk_intra(*map(to_chunks, (q, k, v, g, beta)), d_k**-0.5)
+
+
+def bf16_operand_error_bound(xs, s0):
+    """Elementwise first-order bound on |kernel - exact| for the kernel's scan, whose matmul
+    operands are rounded to bf16 and accumulated in fp32: `(o_bound, state_bound)` in the
+    kernel's layout.
+
+    A bf16 operand is `x (1 + t)`, `|t| <= 2^-8` (8 significant bits, round to nearest), so a
+    product of two is off by at most `(2^-7 + 2^-16) |a| |b|`; fp32 accumulation of at most
+    `C + d_k <= 192` terms adds `<= 192 * 2^-24 < 2^-16` of the same sums, and the fp32
+    reference as much again: `eps = 2^-7 + 2^-14` covers all three. With the exact
+    state `S`, the kernel's `S + E`, `|E| <= e`, and `|.|` products of absolute values:
+        |U' - U| <= f = |W| e + eps |W| (|S| + e)
+        |O' - O| <= |Qd| e + eps |Qd| (|S| + e) + |A| f + eps |A| (|U| + f)
+        e_next   =  decay e + |Kd|^T f + eps |Kd|^T (|U| + f)
+    """
+    eps = 2.0**-7 + 2.0**-14
+    mm = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+    def step(carry, x):
+        s, e = carry
+        w, _, attn, qd, kd, decay = map(jnp.abs, x)  # |.| of the operands
+        u = x[1] - mm("...ck,...kv->...cv", x[0], s)
+        f = mm("...ck,...kv->...cv", w, e + eps * (jnp.abs(s) + e))
+        o_bound = (mm("...ck,...kv->...cv", qd, e + eps * (jnp.abs(s) + e))
+                   + mm("...cj,...jv->...cv", attn, f + eps * (jnp.abs(u) + f)))
+        e = decay[..., None, None] * e + mm("...ck,...cv->...kv", kd, f + eps * (jnp.abs(u) + f))
+        s = x[5][..., None, None] * s + mm("...ck,...cv->...kv", x[4], u)
+        return (s, e), o_bound
+
+    (_, e), o_bound = jax.lax.scan(step, (s0, jnp.zeros_like(s0)),
+                                   [jnp.moveaxis(t, 1, 0) for t in xs])
+    return jnp.moveaxis(o_bound, 0, 1), e
+
+
 def test_pallas_kernel_interpret_matches_chunk():
     """The Triton kernel for the scan over chunks, in interpret mode: forward equal to the XLA
-    chunk form; gradients (kernel forward, XLA backward) equal too."""
-    (q, k, v, g, beta), s0 = make_inputs(130, seed=2)
+    chunk form within the bound its bf16 matmul operands allow (`bf16_operand_error_bound`);
+    gradients (kernel forward, XLA backward of the fp32 scan) equal to the chunk form's."""
+    time = 130
+    (q, k, v, g, beta), s0 = make_inputs(time, seed=2)
     o, s = run(q, k, v, g, beta, s0, "chunk")
     o_p, s_p = run(q, k, v, g, beta, s0, "pallas_interpret")
-    close(o_p, o)
-    close(s_p, s)
+    o_bound, s_bound = bf16_operand_error_bound(kernel_inputs(q, k, v, g, beta),
+                                                s0.reshape(B * H, DK, DV))
+    # [b * h, n, C, d_v] -> [b, t, h, d_v]
+    o_bound = o_bound.reshape(B, H, -1, DV)[:, :, :time].swapaxes(1, 2)
+    assert np.all(np.abs(o_p - o) <= o_bound + 1e-6)
+    assert np.all(np.abs(s_p - s) <= s_bound.reshape(s.shape) + 1e-6)
+    assert not np.array_equal(o_p, o)  # the kernel's operands are bf16: not the fp32 scan
+
+    # Linear in the outputs, so the cotangents do not depend on the forward's (bf16) values and
+    # both backwards run the same fp32 arithmetic on the same residuals.
+    w_o, w_s = (jax.random.normal(key, x.shape) for key, x in
+                zip(jax.random.split(jax.random.key(3)), (o, s), strict=True))
 
     def loss(method, *args):
         o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
                                 chunk_size=CHUNK, **METHODS[method])
-        return jnp.sum(o**2) + jnp.sum(s)
+        return jnp.sum(o * w_o) + jnp.sum(s * w_s)
 
     args = (q, k, v, g, beta, s0)
     grads = [jit(jax.grad(functools.partial(loss, method), argnums=range(6)))(*args)
              for method in ("pallas", "chunk")]  # "pallas" off CUDA: the kernel interpreted
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("d_v", [8, 80])
+def test_pallas_kernel_column_blocks(d_v):
+    """The kernel at its blocking, in interpret mode, against the XLA scan: `d_v` narrower
+    than a block (padded to 16), and three blocks of 32 columns with a ragged last one (16
+    real columns); d_k = 32, three chunks, a random start state. Within the bf16-operand bound,
+    and the bound is tight enough to see a wrong column: it stays below 5% of the largest
+    output, whose columns are O(1) apart."""
+    bh, time, d_k = 3, 3 * CHUNK, 32
+    ks = jax.random.split(jax.random.key(d_v), 6)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = (unit(jax.random.normal(key, (1, time, bh, d_k))) for key in ks[:2])
+    v = jax.random.normal(ks[2], (1, time, bh, d_v))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (1, time, bh)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, time, bh)))
+    s0 = jax.random.normal(ks[5], (bh, d_k, d_v))
+    xs = kernel_inputs(q, k, v, g, beta)
+    assert pallas_gpu.block_v(d_v) == min(32, max(16, d_v))
+    o, s = jit(_inter_scan_kernel_layout)(xs, s0)
+    o_p, s_p = jit(functools.partial(pallas_gpu.inter_chunk_pallas, interpret=True))(*xs, s0)
+    assert o_p.shape == o.shape == (bh, 3, CHUNK, d_v) and s_p.shape == s.shape
+    o_bound, s_bound = bf16_operand_error_bound(xs, s0)
+    assert np.all(np.abs(o_p - o) <= o_bound + 1e-6)
+    assert np.all(np.abs(s_p - s) <= s_bound + 1e-6)
+    assert np.max(o_bound) < 0.05 * np.max(np.abs(o))
 
 
 # `auto` takes the kernel only on a platform where it was measured faster (none yet for this

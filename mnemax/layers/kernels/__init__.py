@@ -10,5 +10,6 @@ layout):
 
 Every op takes `impl` from one vocabulary (`dispatch.IMPLS`) and picks its backend with
 `dispatch.select`; `dispatch.lowering_for` lowers the kernels for a chip this host lacks.
-`tiling.py` holds block-size arithmetic the kernels share.
+`tiling.py` holds block-size arithmetic the kernels share; `triton_compile.py` compiles the
+Triton kernels to sm_90a cubins on any machine and reads their registers and spills.
 """

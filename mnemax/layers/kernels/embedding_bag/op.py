@@ -17,9 +17,10 @@ from mnemax.layers.kernels.embedding_bag.reference import (
     reference_d_weights,
 )
 
-# Where `impl="auto"` runs the kernels. Not yet measured against the XLA path on either platform
-# (accelerator issue: "defaults only where measured"); kept as it was until a benchmark decides.
-AUTO_PLATFORMS = ("cuda", "tpu")
+# Where `impl="auto"` runs the kernels: nowhere until a benchmark on the platform shows them
+# faster than the XLA path ("a kernel is a platform's default only when measured there"; none
+# has run on a GPU or TPU yet). `impl="pallas"` selects them.
+AUTO_PLATFORMS: tuple[str, ...] = ()
 
 
 def _with_vjp(forward: Callable, d_weights: Callable, d_table: Callable) -> Callable:
@@ -75,7 +76,8 @@ def embedding_bag(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
     w2 = weights.reshape(-1, k)
     d = table.shape[1]
     # A platform whose kernel cannot take this width runs the reference.
-    gpu_ok, tpu_ok = pallas_gpu.supported(d), pallas_tpu.supported(d)
+    gpu_ok = pallas_gpu.supported(d, table.shape[0], idx2.shape[0])
+    tpu_ok = pallas_tpu.supported(d)
     (gpu, tpu), (gpu_i, tpu_i) = _kernel_ops(False), _kernel_ops(True)
     fn = dispatch.select(impl, reference=_reference_op(),
                          gpu=gpu if gpu_ok else None, tpu=tpu if tpu_ok else None,

@@ -25,9 +25,11 @@ from mnemax.layers.kernels.tiling import pow2_block
 MAX_BD, BK, BR, NUM_WARPS = 256, 16, 16, 4
 
 
-def supported(d: int) -> bool:
-    """Whether the kernels handle value width `d` (a `bd` block of at least 16 columns)."""
-    return d % 16 == 0
+def supported(d: int, num_rows: int = 0, num_tokens: int = 0) -> bool:
+    """Whether the kernels handle value width `d` (a `bd` block of at least 16 columns) and a
+    `[num_rows, d]` table read for `num_tokens` bags: Triton computes the element offsets of the
+    table and of `[num_tokens, d]` in int32, so neither may hold more than 2^31 elements."""
+    return d % 16 == 0 and max(num_rows, num_tokens) * d <= 2**31  # offsets < 2^31
 
 
 def _row_segments(srows: jax.Array, num_rows: int):

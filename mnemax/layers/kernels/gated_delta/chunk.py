@@ -20,7 +20,7 @@ from mnemax.layers.kernels.gated_delta import pallas_gpu
 from mnemax.layers.kernels.gated_delta.reference import check_inputs, zero_state
 
 # Where `impl="auto"` runs the Triton scan: nowhere yet. It has been checked in interpret mode
-# and lowered for CUDA, never run on a GPU (and it spills at d = 128), so `auto` is the XLA scan.
+# and compiled for sm_90a (no spills), never run on a GPU, so `auto` is the XLA scan.
 AUTO_PLATFORMS: tuple[str, ...] = ()
 
 # Inside a chunk of C tokens with cumulative log-decay G_i = g_1 + ... + g_i and start state S0,
@@ -133,9 +133,9 @@ def _select_inter_scan(impl: str, chunk_size: int, d_k: int, d_v: int):
     supported = pallas_gpu.supported(chunk_size, d_k, d_v)
     if impl in ("pallas", "pallas_interpret") and not supported:
         raise ValueError(
-            f"gated_delta_rule: the Pallas kernel needs chunk_size, d_k and d_v (or d_v's block "
-            f"of {pallas_gpu.MAX_BLOCK_V}) to be powers of two >= 16, got chunk_size="
-            f"{chunk_size}, d_k={d_k}, d_v={d_v}; use impl='reference' for these sizes.")
+            f"gated_delta_rule: the Pallas kernel needs chunk_size and d_k to be powers of two "
+            f">= 16, got chunk_size={chunk_size}, d_k={d_k}; use impl='reference' for these "
+            "sizes.")
     kernel = lambda interpret: (functools.partial(_inter_scan_pallas, interpret=interpret)
                                 if supported else None)
     return dispatch.select(impl, reference=_inter_scan, gpu=kernel(False), tpu=None,

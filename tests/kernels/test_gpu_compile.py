@@ -1,0 +1,95 @@
+"""Every Pallas Triton kernel of mnemax compiles to an H100/H200 (sm_90a) cubin on this CPU host,
+at production shapes, without spilling registers and within the chip's registers and shared
+memory (`triton_compile`). Needs the `triton` package (the dev extra): without it these tests
+fail with the install command instead of skipping."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mnemax.layers.kernels import triton_compile
+from mnemax.layers.kernels.triton_compile import (
+    MAX_REGISTERS,
+    SM90_SHARED_BYTES,
+    TRITON_INSTALL_HINT,
+    TritonModule,
+    compile_kernels_sm90,
+    compile_sm90,
+    production_cases,
+    triton_modules,
+)
+
+CASES = production_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kernel}-{c.shape}" for c in CASES])
+def test_kernel_compiles_for_sm90_without_spills(case):
+    [kernel] = compile_kernels_sm90(case.fn, *case.args)
+    assert (kernel.num_warps, kernel.num_stages) == (case.num_warps, case.num_stages)
+    assert not kernel.problems(), f"{case.kernel} at {case.shape}: {kernel.problems()}"
+    assert kernel.spill_store_bytes == kernel.spill_load_bytes == kernel.stack_bytes == 0
+    assert 0 < kernel.registers <= MAX_REGISTERS
+    assert kernel.shared_bytes <= SM90_SHARED_BYTES
+    assert ".target sm_90a" in kernel.ptx
+
+
+def test_every_triton_kernel_has_production_cases():
+    """Two or more shapes for each kernel function in every `pallas_gpu.py` module."""
+    from mnemax.layers.kernels.embedding_bag import pallas_gpu as bag
+    from mnemax.layers.kernels.gated_delta import pallas_gpu as gdn
+
+    kernels = {"embedding_bag.forward": bag.forward, "embedding_bag.d_weights": bag.d_weights,
+               "embedding_bag.d_table": bag.d_table, "gated_delta.inter_chunk":
+               gdn.inter_chunk_pallas}
+    for name, fn in kernels.items():
+        cases = [c for c in CASES if c.kernel == name]
+        assert len(cases) >= 2 and all(c.fn is fn for c in cases), name
+    assert {c.kernel for c in CASES} == set(kernels)
+
+
+def test_gated_delta_grid_tiles_the_value_columns():
+    """The captured module is the kernel asked for, with its launch grid: one program per
+    (batch * head, 32 columns of d_v)."""
+    case = next(c for c in CASES if c.kernel == "gated_delta.inter_chunk"
+                and c.args[1].shape[-1] == 256)
+    [module] = triton_modules(case.fn, *case.args)
+    assert module.name == "gated_delta_inter_chunk"
+    assert module.grid == (case.args[0].shape[0], 256 // 32, 1)
+    assert module.text.startswith("module") and "tt.dot" in module.text
+
+
+def _spilling_kernel(x_ref, o_ref):
+    # All 16,384 values of x stay live across the sum: 512 per thread of one warp, twice the
+    # 255 registers a thread can have.
+    x = x_ref[...]
+    o_ref[...] = x * jnp.sum(x)
+
+
+def test_spills_are_reported():
+    """A kernel that must spill is reported with its stack frame and spill traffic, so a zero
+    count in the tests above is a measurement, not a parse that found nothing."""
+    shape = jax.ShapeDtypeStruct((16384,), jnp.float32)
+    fn = lambda x: pl.pallas_call(
+        _spilling_kernel, out_shape=shape,
+        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1))(x)
+    [kernel] = compile_kernels_sm90(fn, shape)
+    assert kernel.spills and kernel.stack_bytes > 0
+    assert kernel.spill_store_bytes > 0 and kernel.spill_load_bytes > 0
+    assert "spills registers" in kernel.problems()[0]
+
+
+def test_missing_triton_fails_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    module = TritonModule("k", "module {}", 4, 1, (1, 1, 1))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'triton==3\.9\.0'"):
+        compile_sm90(module)
+    assert "triton" in TRITON_INSTALL_HINT
+
+
+def test_a_function_without_triton_kernels_is_an_error():
+    with pytest.raises(ValueError, match="no Pallas Triton kernel"):
+        triton_compile.compile_kernels_sm90(jnp.sin, jax.ShapeDtypeStruct((8,), jnp.float32))

@@ -95,6 +95,32 @@ def test_xla_paths_match_reference_and_odd_length_falls_back():
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * float(jnp.max(jnp.abs(want)))
 
 
+@pytest.mark.parametrize("window", [None, 100, 600])
+def test_xla_path_over_query_blocks_matches_reference(window):
+    """The XLA path splits queries longer than `QUERY_BLOCK` into blocks, each against the keys it
+    can see: 1100 tokens = blocks of 512, 512 and a ragged 76; window 100 starts every block's
+    keys inside the previous block, window 600 two blocks back for the last block.
+
+    Tolerance: as above with n = 1100 keys: (n + d) u ~ 7e-5 of the largest magnitude; 2e-4
+    keeps a 3x margin, while a block that drops a visible key or keeps a masked one moves its
+    rows by far more (a whole softmax weight)."""
+    from mnemax.layers.kernels.attention.reference import QUERY_BLOCK, xla_attention
+
+    seq = 1100
+    assert seq > 2 * QUERY_BLOCK
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(keys[0], (1, seq, 4, 16), jnp.float32)
+    k, v = (jax.random.normal(kk, (1, seq, 2, 16), jnp.float32) for kk in keys[1:3])
+    d_out = jax.random.normal(keys[3], q.shape, jnp.float32)
+    got = jax.jit(lambda *a: _value_and_grads(
+        lambda q, k, v: xla_attention(q, k, v, window=window), *a))(q, k, v, d_out)
+    want = _value_and_grads(lambda q, k, v: _attention_fp32(q, k, v, window), q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        err = float(jnp.max(jnp.abs(g - w)))
+        assert err <= 2e-4 * scale, f"{name}: max error {err:.2e} vs scale {scale:.2e}"
+
+
 def test_bad_shapes_are_named():
     q = jnp.zeros((1, 128, 3, 64))
     kv = jnp.zeros((1, 128, 2, 64))

@@ -34,6 +34,7 @@ import jax
 
 from mnemax.errors import MnemaxError
 from mnemax.launch.plan_cost import TPU_HARDWARE, Hardware
+from mnemax.trainer.memory_report import lower_train_step, memory_stats, step_peak_bytes
 
 GIB = 2**30
 TOPOLOGY_FORMS = ("GENERATION:SHAPE with SHAPE = AxB (v5e, v6e) or AxBxC (v4, v5p), e.g. "
@@ -62,9 +63,9 @@ def quiet_compile_only_libtpu() -> None:
     this accelerator type set). The lock file that makes a second libtpu process abort guards a
     real TPU, which compile-only use never opens. A TPU VM's own settings are left alone.
     """
-    from jax._src import hardware_utils
+    from mnemax.launch.platforms import visible_accelerators
 
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    if visible_accelerators()[0]:
         return
     for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                         ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
@@ -107,13 +108,13 @@ def tpu_hardware(device: jax.Device) -> Hardware:
 
 
 def _memory(compiled: Any) -> dict[str, int]:
+    """`memory_stats` of the compiled program, its peak (arguments + temp + outputs - aliased;
+    TPU reports host-placed state apart, so none is taken off) and `xla_peak_bytes`: the TPU
+    compiler's own heap simulation (arguments included), lower than the sum as it sees which
+    temporaries are live at once; -1 where this jax does not report it."""
+    out = memory_stats(compiled)
+    out["peak_bytes"] = step_peak_bytes(out, host_state_bytes=0)
     stats = compiled.memory_analysis()
-    out = {f"{n}_bytes": int(getattr(stats, f"{n}_size_in_bytes"))
-           for n in ("argument", "output", "alias", "temp")}
-    out["peak_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
-                         - out["alias_bytes"])
-    # The TPU compiler's own heap simulation (arguments included), lower than the sum above: it
-    # sees which temporaries are live at once. -1 where this jax does not report it.
     out["xla_peak_bytes"] = int(getattr(stats, "peak_memory_in_bytes", -1) or -1)
     return out
 
@@ -182,8 +183,6 @@ class CompileReport:
 
 
 def _compile_step(program: Any) -> Any:
-    from mnemax.trainer.memory_report import lower_train_step
-
     return lower_train_step(program).compile()
 
 

@@ -15,14 +15,17 @@ import os
 import jax
 
 
-def _has_accelerator() -> bool:
-    try:  # private, stable across jax 0.4-0.12: what JAX itself checks before starting libtpu
+def visible_accelerators() -> tuple[bool, bool]:
+    """(a TPU chip, an NVIDIA GPU) on this machine, as JAX itself checks before starting libtpu;
+    (True, True) for a JAX without these (private, stable across jax 0.4-0.12) helpers, so that
+    it probes as it always does."""
+    try:
         from jax._src import hardware_utils
 
         tpus, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-        return tpus > 0 or hardware_utils.has_visible_nvidia_gpu()
-    except Exception:  # a JAX without these helpers: let it probe as it always does
-        return True
+        return tpus > 0, bool(hardware_utils.has_visible_nvidia_gpu())
+    except Exception:
+        return True, True
 
 
 def skip_absent_tpu() -> None:
@@ -30,5 +33,5 @@ def skip_absent_tpu() -> None:
     Call before the first `jax.devices()`."""
     if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
         return
-    if not _has_accelerator():
+    if not any(visible_accelerators()):
         jax.config.update("jax_platforms", "cpu")

@@ -33,6 +33,7 @@ from mnemax.layers.components import (
     all_components,
 )
 from mnemax.layers.components.base import make_param
+from mnemax.layers.factored_logits import FactoredLogits
 from mnemax.layers.gated_delta import GatedDeltaConfig
 from mnemax.layers.memory import MemoryConfig
 from mnemax.layers.mlp import swiglu_hidden_dim
@@ -55,7 +56,11 @@ class TransformerConfig:
     tie_embeddings: bool = False  # reuse the input embedding as the output projection
     init_std: float = 0.02  # std of weight init; output projections get init_std / sqrt(2 L)
     attention_impl: AttentionImpl = "auto"  # auto (splash on TPU, XLA else) | xla | cudnn | splash
-    scan_layers: bool = True  # nn.scan over blocks (flat compile time) vs a Python loop
+    # nn.scan over blocks (flat compile time) vs a Python loop (also unrolls factored logits)
+    scan_layers: bool = True
+    # Return `FactoredLogits` (final hidden states and the output matrix) instead of the fp32
+    # `[batch, time, vocab]` logits, so the trainer's loss computes them a chunk at a time.
+    factored_logits: bool = False
     memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
     # Sequence mixer of each block, repeated over the depth, by registered name: attention |
     # swa (sliding-window attention) | gdn (Gated DeltaNet) | ... () = attention everywhere.
@@ -255,7 +260,8 @@ class _ScanBody(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Tokens `[batch, time]` int32 -> (logits `[batch, time, vocab]` fp32, aux dict).
+    """Tokens `[batch, time]` int32 -> (logits `[batch, time, vocab]` fp32, aux dict), or
+    `FactoredLogits` in place of the logits with `config.factored_logits`.
 
     The compute dtype is the dtype of the parameters passed to `apply` (the trainer casts fp32
     master weights to bf16 for mixed precision); logits are always accumulated in fp32.
@@ -321,8 +327,5 @@ class Transformer(nn.Module):
                                              (axes.EMBED, axes.VOCAB)),
                 (cfg.d_model, cfg.vocab_size),
             )
-        logits = jnp.einsum("bte,ev->btv", x, unembed.astype(x.dtype),
-                            preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(
-            logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
-        return logits, aux
+        logits = FactoredLogits(x, unembed.astype(x.dtype), unroll=not cfg.scan_layers)
+        return (logits if cfg.factored_logits else logits.materialize()), aux

@@ -1,8 +1,9 @@
 """The train and eval step functions (pure; `setup.py` jits them with shardings).
 
-A model is any flax module whose `apply(params, tokens)` returns `(logits, aux)`. Entries of `aux`
-whose name starts with `loss/` are added to the objective (already weighted by the layer that made
-them); all other entries are logged as metrics.
+A model is any flax module whose `apply(params, tokens)` returns `(logits, aux)`; the logits are
+`[batch, time, vocab]` or `FactoredLogits`, whose loss is computed a chunk at a time. Entries of
+`aux` whose name starts with `loss/` are added to the objective (already weighted by the layer
+that made them); all other entries are logged as metrics.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def make_loss_fn(model: nn.Module, compute_dtype: jnp.dtype, z_loss_weight: floa
             variables[MODEL_STATE] = model_state
         with nn.logical_axis_rules(rules):
             (logits, aux), recorded = model.apply(variables, inputs, mutable=[STATE_STATS])
-        ce, z = cross_entropy(logits, targets)
+            ce, z = cross_entropy(logits, targets)
         objective = ce + z_loss_weight * z
         metrics = {"loss": ce, "z_loss": z,
                    STATE_STATS_METRIC: dict(recorded.get(STATE_STATS, {}))}

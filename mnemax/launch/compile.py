@@ -14,10 +14,14 @@ from abstract inputs and compiled by the real TPU compiler. Reported per chip:
   analysis counts a while loop's body once, so a scanned model (`model.scan_layers`) or a
   micro-batch loop (`run.grad_accum` > 1) is undercounted by its trip count. Both figures are
   therefore taken from a loop-free twin of the step: the layers unrolled and the whole batch in
-  one pass (the same work; what the loop itself costs per iteration is not in it). Loops the
-  twin still has (Gated DeltaNet's chunk scan) are counted once and reported in
-  `loops_counted_once`; custom calls (Pallas kernels) are not in XLA's estimate at all. The real
-  step's own (undercounted) figures are reported beside them.
+  one pass (the same work; what the loop itself costs per iteration is not in it). On slices
+  where the TPU compiler turns an all-gather or reduce-scatter next to a matmul into a loop of
+  its own (windowed einsum, "collective matmul": `windowed_dot_general_body` loops, e.g. on
+  v5p:2x2x2), the twin is compiled with those off (`TWIN_COMPILER_OPTIONS`), so its FLOPs are
+  all counted; its estimate then does not overlap that communication with the matmuls (an
+  upper bound there). Loops the twin still has (Gated DeltaNet's chunk scan) are counted once
+  and reported in `loops_counted_once`; custom calls (Pallas kernels) are not in XLA's
+  estimate at all. The real step's own (undercounted) figures are reported beside them.
 """
 
 from __future__ import annotations
@@ -182,8 +186,13 @@ class CompileReport:
         }
 
 
-def _compile_step(program: Any) -> Any:
-    return lower_train_step(program).compile()
+# libtpu options of the costing twin: no windowed-einsum loops (see the module docstring).
+TWIN_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def _compile_step(program: Any, options: dict[str, Any] | None = None) -> Any:
+    return lower_train_step(program).compile(options)
 
 
 def _compile_init(program: Any) -> Any:
@@ -224,14 +233,17 @@ def compile_recipe(recipe_arg: str, overrides: Sequence[str], topology: str, *,
 
     twin_overrides = estimate_twin_overrides(recipe)
     start = time.perf_counter()
-    if twin_overrides:
-        log(f"costing the loop-free twin ({', '.join(twin_overrides)})")
-        twin = _compile_step(build_program(load_recipe(recipe_arg, [*overrides,
-                                                                    *twin_overrides]), devices))
+    needs_twin = bool(twin_overrides) or count_while_loops(step) > 0
+    if needs_twin:
+        log(f"costing the loop-free twin ({', '.join(twin_overrides) or 'the same recipe'}, "
+            "no collective-matmul loops)")
+        twin_program = build_program(load_recipe(recipe_arg, [*overrides, *twin_overrides]),
+                                     devices) if twin_overrides else program
+        twin = _compile_step(twin_program, TWIN_COMPILER_OPTIONS)
     else:
         twin = step
     cost, as_compiled = _cost(twin), _cost(step)
-    estimate_s = time.perf_counter() - start if twin_overrides else 0.0
+    estimate_s = time.perf_counter() - start if needs_twin else 0.0
 
     return CompileReport(
         recipe=recipe.name, topology=topology, chips=len(devices),

@@ -136,3 +136,24 @@ def test_cli_starts_on_cpu_without_tpu_probing_noise(tmp_path):
     assert json.loads(proc.stdout)["name"] == "tiny"
     for noise in ("E0000", "TPU_WORKER_HOSTNAMES", "InitGoogle", "TPU accelerator type"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_costing_twin_has_no_collective_matmul_loops():
+    # On 8 chips the TPU compiler turns an all-gather next to a matmul into a loop of its own
+    # (windowed einsum), whose body XLA's cost analysis counts once: x @ w with both split by
+    # rows over 8 chips is 2 n^3 / 8 FLOPs per chip, of which the loop-costed program reports
+    # about half. The twin's options turn the loop off and every FLOP is counted.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    n = 8192
+    mesh = Mesh(tpu_compile.tpu_topology_devices("v5p:2x2x2"), ("fsdp",))
+    rows = NamedSharding(mesh, PartitionSpec("fsdp", None))
+    spec = jax.ShapeDtypeStruct((n, n), jax.numpy.bfloat16, sharding=rows)
+    lowered = jax.jit(lambda x, w: x @ w, out_shardings=rows).lower(spec, spec)
+    flops_per_chip = 2 * n**3 / 8
+    default = lowered.compile()
+    assert tpu_compile.count_while_loops(default) >= 1
+    assert tpu_compile._cost(default)["flops"] < 0.75 * flops_per_chip
+    twin = lowered.compile(tpu_compile.TWIN_COMPILER_OPTIONS)
+    assert tpu_compile.count_while_loops(twin) == 0
+    assert tpu_compile._cost(twin)["flops"] == flops_per_chip

@@ -25,3 +25,21 @@ ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
+
+
+def shard_counts(logical: tuple[str | None, ...]) -> tuple[int, ...]:
+    """How many ways each axis of an array with these logical axes is split: the product of
+    the mesh axes the active logical rules map it to (1 for each axis outside a mesh)."""
+    import math
+
+    import flax.linen as nn
+    import jax
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return (1,) * len(logical)
+    counts = []
+    for entry in nn.logical_to_mesh_axes(logical):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        counts.append(math.prod(mesh.shape[n] for n in names))
+    return tuple(counts)

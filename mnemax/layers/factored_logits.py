@@ -17,17 +17,18 @@ import jax.numpy as jnp
 
 from mnemax.layers import axes
 
-# A chunk's fp32 logits, over the whole batch, stay under this many elements (1 GiB): small
-# enough next to the saved block inputs, large enough that the head's matmul stays efficient.
-CHUNK_LOGIT_ELEMENTS = 2**28
+# A chunk's fp32 logits stay under this many elements per device (256 MiB): small next to the
+# saved block inputs, large enough that the head's matmul stays efficient (dense_1b at 16
+# sequences of 2,048 per chip: chunks of 128 positions).
+CHUNK_LOGIT_ELEMENTS = 2**26
 
 LOGITS_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB)
 
 
 def sequence_chunk(batch: int, seq_len: int, vocab: int,
                    max_elements: int = CHUNK_LOGIT_ELEMENTS) -> int:
-    """The largest divisor of `seq_len` whose `[batch, chunk, vocab]` logits have at most
-    `max_elements` elements (1 when even a single position is larger)."""
+    """The largest divisor of `seq_len` whose `[batch, chunk, vocab]` logits (one device's
+    share) have at most `max_elements` elements (1 when even a single position is larger)."""
     best = 1
     for chunk in range(1, seq_len + 1):
         if seq_len % chunk == 0 and batch * chunk * vocab <= max_elements:
@@ -81,11 +82,14 @@ class FactoredLogits(flax.struct.PyTreeNode):
 
         Args:
           targets: `[b, t]` integer ids in `[0, v)`.
-          max_chunk_elements: the most elements of one chunk's logits (whole batch); None =
+          max_chunk_elements: the most elements of one chunk's logits on one device; None =
             `CHUNK_LOGIT_ELEMENTS`.
         """
         batch, seq_len, vocab = self.shape
-        chunk = sequence_chunk(batch, seq_len, vocab, max_chunk_elements or CHUNK_LOGIT_ELEMENTS)
+        batch_shards, _, vocab_shards = axes.shard_counts(LOGITS_AXES)
+        chunk = sequence_chunk(max(batch // batch_shards, 1), seq_len,
+                               max(vocab // vocab_shards, 1),
+                               max_chunk_elements or CHUNK_LOGIT_ELEMENTS)
         count = batch * seq_len
 
         def chunk_sums(hidden, chunk_targets):

@@ -33,15 +33,18 @@ def test_data_and_fsdp_meshes_match_one_device():
 
 def test_factored_logits_loss_in_chunks_on_fsdp_matches_one_device(monkeypatch):
     """The model hands the trainer `FactoredLogits` and the loss runs over 4 chunks of 8
-    positions (the limit is lowered so the small model chunks), sharded with ZeRO-3: the same
-    run as whole logits on one device (the chunked sums only reorder the loss's additions)."""
+    positions (the per-device limit is lowered so the small model chunks), sharded with
+    ZeRO-3: the same run as whole logits on one device (the chunks only reorder the loss's
+    additions)."""
     import mnemax.layers.factored_logits as factored
 
     base = small_run(one_device=True)
     batch, seq_len = base.program.recipe.data.global_batch, base.program.recipe.data.seq_len
     vocab = base.program.recipe.model.vocab_size
-    monkeypatch.setattr(factored, "CHUNK_LOGIT_ELEMENTS", batch * 8 * vocab)
-    assert factored.sequence_chunk(batch, seq_len, vocab, factored.CHUNK_LOGIT_ELEMENTS) == 8
+    per_device = batch // 8  # the batch is split over data x fsdp = 8 devices
+    monkeypatch.setattr(factored, "CHUNK_LOGIT_ELEMENTS", per_device * 8 * vocab)
+    assert factored.sequence_chunk(per_device, seq_len, vocab,
+                                   factored.CHUNK_LOGIT_ELEMENTS) == 8
     run = small_run("strategy.mesh=data:2,fsdp:4", "strategy.zero_stage=3",
                     "model.factored_logits=true")
     assert_same_run(run, base)

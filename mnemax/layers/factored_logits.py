@@ -17,10 +17,11 @@ import jax.numpy as jnp
 
 from mnemax.layers import axes
 
-# A chunk's fp32 logits stay under this many elements per device (256 MiB): small next to the
-# saved block inputs, large enough that the head's matmul stays efficient (dense_1b at 16
-# sequences of 2,048 per chip: chunks of 128 positions).
-CHUNK_LOGIT_ELEMENTS = 2**26
+# A chunk's fp32 logits stay under this many elements per device (1 GiB): logits smaller than
+# that are computed whole, as without factoring (dense_1b's default 4 sequences of 2,048 per
+# chip); larger ones in chunks (16 sequences per chip: 4 chunks of 512 positions, 0.8 GiB less
+# at the peak on v5p).
+CHUNK_LOGIT_ELEMENTS = 2**28
 
 LOGITS_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB)
 

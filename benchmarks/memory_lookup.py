@@ -2,6 +2,13 @@
 
     python benchmarks/memory_lookup.py [--tokens 16384 --heads 4 --k 32 --rows 1048576
         --dim 1024 --dtype bfloat16] [--impls reference,autodiff,pallas] [--cpu-scale]
+        [--distributions uniform,zipf]
+
+Index distributions: `uniform` over the rows, and `zipf` (rank r picked with probability
+proportional to r^-1.1, ranks placed on rows by a fixed random permutation): skewed usage, where
+a few hot rows take a large share of the picks (the case that serialised the old GPU d_table).
+The `zipf/uniform` line gives each impl's skewed time over its uniform time (target on a GPU:
+within 1.5x).
 
 Impls: `pallas` (the Triton / Mosaic kernels), `reference` (jnp forward, sorted-segment jnp
 backward), `autodiff` (XLA autodiff of the jnp reference: the baseline of the "x autodiff"
@@ -66,10 +73,25 @@ def _time(fn, args, iters, warmup=2):
     return median_time(fn, args, iters, warmup)
 
 
-def _inputs(t, h, k, n, d, dtype, seed=0):
+ZIPF_EXPONENT = 1.1
+
+
+def zipf_indices(shape: tuple[int, ...], num_rows: int, exponent: float = ZIPF_EXPONENT,
+                 seed: int = 0) -> np.ndarray:
+    """int32 row indices with `P(rank r) ~ r^-exponent`, ranks on rows by a random permutation."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, num_rows + 1, dtype=np.float64) ** -exponent
+    ranks = rng.choice(num_rows, size=shape, p=p / p.sum())
+    return rng.permutation(num_rows).astype(np.int32)[ranks]
+
+
+def _inputs(t, h, k, n, d, dtype, seed=0, distribution="uniform"):
     kt, ki, kw, kg = jax.random.split(jax.random.key(seed), 4)
     table = (jax.random.normal(kt, (n, d), jnp.float32) * 0.02).astype(dtype)
-    idx = jax.random.randint(ki, (t, h * k), 0, n, jnp.int32)
+    if distribution == "zipf":
+        idx = jnp.asarray(zipf_indices((t, h * k), n, seed=seed))
+    else:
+        idx = jax.random.randint(ki, (t, h * k), 0, n, jnp.int32)
     w = jax.nn.softmax(jax.random.normal(kw, (t, h * k), jnp.float32), axis=-1)
     g = jax.random.normal(kg, (t, d), jnp.float32).astype(dtype)
     return table, idx, w, g
@@ -77,7 +99,7 @@ def _inputs(t, h, k, n, d, dtype, seed=0):
 
 def _interpret_check(dtype):
     """Kernels in interpret mode vs autodiff of the reference at a tiny shape."""
-    table, idx, w, g = _inputs(8, 2, 4, 64, 128, dtype, seed=1)
+    table, idx, w, g = _inputs(8, 2, 4, 64, 128, dtype, seed=1, distribution="zipf")
     _, ref = _fns("autodiff")
     want = ref(table, idx, w, g)
     errs = {}
@@ -92,6 +114,28 @@ def _interpret_check(dtype):
     return errs
 
 
+def _run(impls, inputs, iters, bytes_fwd, bytes_fb, peak):
+    """Times every impl on `inputs = (table, idx, w, g)` and prints one row each."""
+    table, idx, w, g = inputs
+    results = {}
+    for impl in impls:
+        fwd, fb = _fns(impl)
+        results[impl] = dict(fwd_ms=_time(fwd, (table, idx, w), iters) * 1e3,
+                             fwd_bwd_ms=_time(fb, (table, idx, w, g), iters) * 1e3)
+    base = results["autodiff"]
+    print(f"{'impl':<10} {'fwd ms':>9} {'fwd GB/s':>9} {'%peak':>6} {'fwd+bwd ms':>11} "
+          f"{'GB/s':>8} {'%peak':>6} {'x autodiff':>10}")
+    for impl, r in results.items():
+        r["fwd_gbps"] = bytes_fwd / r["fwd_ms"] / 1e6
+        r["fwd_bwd_gbps"] = bytes_fb / r["fwd_bwd_ms"] / 1e6
+        r["fwd_bwd_speedup_vs_autodiff"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        pct = (lambda gbps: f"{100 * gbps * 1e9 / peak:5.1f}%" if peak else "   n/a")
+        print(f"{impl:<10} {r['fwd_ms']:9.3f} {r['fwd_gbps']:9.1f} {pct(r['fwd_gbps']):>6} "
+              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_gbps']:8.1f} {pct(r['fwd_bwd_gbps']):>6} "
+              f"{r['fwd_bwd_speedup_vs_autodiff']:10.2f}")
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=16384)
@@ -103,6 +147,8 @@ def main(argv=None):
     p.add_argument("--impls", default=None, help="comma list of pallas,reference,autodiff")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--cpu-scale", action="store_true", help="use the scaled-down CPU shape")
+    p.add_argument("--distributions", default="uniform,zipf",
+                   help="comma list of uniform,zipf (Zipf exponent 1.1)")
     args = p.parse_args(argv)
 
     device = jax.devices()[0]
@@ -118,6 +164,10 @@ def main(argv=None):
     if on_cpu and "pallas" in impls:
         impls.remove("pallas")
         print("pallas: no compiled kernel on CPU; checked in interpret mode below instead")
+    distributions = args.distributions.split(",")
+    unknown = set(distributions) - {"uniform", "zipf"}
+    if unknown:
+        p.error(f"--distributions {sorted(unknown)}: use uniform and/or zipf")
 
     dtype = jnp.dtype(args.dtype)
     t, h, k, n, d = (shape[x] for x in ("tokens", "heads", "k", "rows", "dim"))
@@ -126,29 +176,24 @@ def main(argv=None):
           f"{f'{peak / 1e12:.2f} TB/s' if peak else 'n/a'}")
     print(f"shape: tokens={t} heads={h} k={k} rows={n} dim={d} dtype={dtype.name}"
           + (" (SCALED DOWN for CPU; not the target shape)" if scaled else ""))
-    table, idx, w, g = _inputs(t, h, k, n, d, dtype)
     bytes_fwd, bytes_fb = _bytes(t, h, k, n, d, dtype.itemsize)
 
     results = {}
-    for impl in impls:
-        fwd, fb = _fns(impl)
-        results[impl] = dict(fwd_ms=_time(fwd, (table, idx, w), args.iters) * 1e3,
-                             fwd_bwd_ms=_time(fb, (table, idx, w, g), args.iters) * 1e3)
-    base = results["autodiff"]
-    print(f"{'impl':<10} {'fwd ms':>9} {'fwd GB/s':>9} {'%peak':>6} {'fwd+bwd ms':>11} "
-          f"{'GB/s':>8} {'%peak':>6} {'x autodiff':>10}")
-    for impl, r in results.items():
-        r["fwd_gbps"] = bytes_fwd / r["fwd_ms"] / 1e6
-        r["fwd_bwd_gbps"] = bytes_fb / r["fwd_bwd_ms"] / 1e6
-        r["fwd_bwd_speedup_vs_autodiff"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        pct = (lambda gbps: f"{100 * gbps * 1e9 / peak:5.1f}%" if peak else "   n/a")
-        print(f"{impl:<10} {r['fwd_ms']:9.3f} {r['fwd_gbps']:9.1f} {pct(r['fwd_gbps']):>6} "
-              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_gbps']:8.1f} {pct(r['fwd_bwd_gbps']):>6} "
-              f"{r['fwd_bwd_speedup_vs_autodiff']:10.2f}")
+    for dist in distributions:
+        table, idx, w, g = _inputs(t, h, k, n, d, dtype, distribution=dist)
+        counts = np.bincount(np.asarray(idx).reshape(-1), minlength=n)
+        print(f"\n{dist}: hottest row {counts.max()} of {counts.sum()} picks "
+              f"({100 * counts.max() / counts.sum():.1f}%), rows used {np.mean(counts > 0):.1%}")
+        results[dist] = _run(impls, (table, idx, w, g), args.iters, bytes_fwd, bytes_fb, peak)
+    if {"uniform", "zipf"} <= set(results):
+        skew, even = results["zipf"], results["uniform"]
+        print("\nzipf/uniform (fwd, fwd+bwd time): " + ", ".join(
+            f"{impl} {skew[impl]['fwd_ms'] / even[impl]['fwd_ms']:.2f}x"
+            f" / {skew[impl]['fwd_bwd_ms'] / even[impl]['fwd_bwd_ms']:.2f}x" for impl in impls))
     interpret = None
     if on_cpu:
         interpret = _interpret_check(dtype)
-        print("interpret-mode kernels at tokens=8 heads=2 k=4 rows=64 dim=128 (correctness "
+        print("interpret-mode kernels at tokens=8 heads=2 k=4 rows=64 dim=128, zipf (correctness "
               "only, max |err| vs autodiff over out, d_table, d_weights): "
               + ", ".join(f"{b}={e:.3g}" for b, e in interpret.items()))
     print(json.dumps(dict(device=device.device_kind, platform=device.platform, scaled=scaled,

@@ -3,6 +3,8 @@ at production shapes, without spilling registers and within the chip's registers
 memory (`triton_compile`). Needs the `triton` package (the dev extra): without it these tests
 fail with the install command instead of skipping."""
 
+import math
+import re
 import sys
 
 import jax
@@ -12,6 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mnemax.layers.kernels import triton_compile
+from mnemax.layers.kernels.embedding_bag import pallas_gpu as bag
 from mnemax.layers.kernels.triton_compile import (
     MAX_REGISTERS,
     SM90_SHARED_BYTES,
@@ -26,20 +29,55 @@ from mnemax.layers.kernels.triton_compile import (
 CASES = production_cases()
 
 
+def _distinct_modules(modules: list[TritonModule]) -> list[TritonModule]:
+    """d_table's levels 2 .. L-1 are one kernel: their modules differ from level 2's only in
+    integer constants (the row count of the source array) and so in the names MLIR gives
+    constants, so level 2 stands for them."""
+    if len(modules) <= 3:
+        return modules
+    shape = lambda m: re.sub(r"\d+", "N", re.sub(r"%c\w*", "%c", m.text))
+    assert all(shape(m) == shape(modules[1]) for m in modules[2:-1])
+    return [modules[0], modules[1], modules[-1]]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kernel}-{c.shape}" for c in CASES])
 def test_kernel_compiles_for_sm90_without_spills(case):
-    [kernel] = compile_kernels_sm90(case.fn, *case.args)
-    assert (kernel.num_warps, kernel.num_stages) == (case.num_warps, case.num_stages)
-    assert not kernel.problems(), f"{case.kernel} at {case.shape}: {kernel.problems()}"
-    assert kernel.spill_store_bytes == kernel.spill_load_bytes == kernel.stack_bytes == 0
-    assert 0 < kernel.registers <= MAX_REGISTERS
-    assert kernel.shared_bytes <= SM90_SHARED_BYTES
-    assert ".target sm_90a" in kernel.ptx
+    modules = triton_modules(case.fn, *case.args)  # d_table: one call per level
+    assert len(modules) == (1 if case.kernel != "embedding_bag.d_table" else
+                            bag.segment_levels(math.prod(case.args[1].shape)))
+    for kernel in map(compile_sm90, _distinct_modules(modules)):
+        assert (kernel.num_warps, kernel.num_stages) == (case.num_warps, case.num_stages)
+        assert not kernel.problems(), f"{case.kernel} at {case.shape}: {kernel.problems()}"
+        assert kernel.spill_store_bytes == kernel.spill_load_bytes == kernel.stack_bytes == 0
+        assert 0 < kernel.registers <= MAX_REGISTERS
+        assert kernel.shared_bytes <= SM90_SHARED_BYTES
+        assert ".target sm_90a" in kernel.ptx
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kernel in ("embedding_bag.forward",
+                                                                   "embedding_bag.d_table")],
+                         ids=lambda c: f"{c.kernel}-{c.shape}")
+def test_embedding_bag_grids_bound_the_work_per_program(case):
+    """Forward: (column blocks, bags / BAGS), the column axis fastest (launch x), whole rows
+    up to MAX_ROW columns. d_table: every level's programs take CHUNK sorted triples x
+    DTABLE_BD columns whatever the row counts, so a hot row cannot serialise one program."""
+    table, idx = case.args[0], case.args[1]
+    (_, d), (t, k) = table.shape, idx.shape
+    grids = [m.grid for m in triton_modules(case.fn, *case.args)]
+    if case.kernel == "embedding_bag.forward":
+        bd = bag.forward_tiling(d, k)[0]
+        assert bd == (pl.next_power_of_2(d) if d <= bag.MAX_ROW else bag.MAX_ROW)
+        assert grids == [(pl.cdiv(d, bd), t // bag.BAGS, 1)]
+        return
+    entries = t * k
+    for grid in grids:
+        assert grid == (d // bag.DTABLE_BD, pl.cdiv(entries, bag.CHUNK), 1)
+        entries = 2 * grid[1]
+    assert grids[-1][1] == 1
 
 
 def test_every_triton_kernel_has_production_cases():
     """Two or more shapes for each kernel function in every `pallas_gpu.py` module."""
-    from mnemax.layers.kernels.embedding_bag import pallas_gpu as bag
     from mnemax.layers.kernels.gated_delta import pallas_gpu as gdn
 
     kernels = {"embedding_bag.forward": bag.forward, "embedding_bag.d_weights": bag.d_weights,

@@ -159,7 +159,8 @@ def _word_dtype(dtype):
     return jnp.uint32 if _packed(dtype) else dtype
 
 
-def forward(table, indices, weights, *, interpret=False):
+def forward(table, indices, weights, *, out_dtype=None, interpret=False):
+    """`[N, d], [T, K], [T, K] -> [T, d]` in `out_dtype` (default: the table's)."""
     d, bd = table.shape[1], pow2_block(table.shape[1], MAX_BD)
     t_in, k = indices.shape
     packed = _packed(table.dtype)
@@ -170,7 +171,7 @@ def forward(table, indices, weights, *, interpret=False):
         grid=(idx3.shape[0], d // bd),
         in_specs=[smem, smem, pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((BT, bd), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((idx3.shape[0] * BT, d), table.dtype),
+        out_shape=jax.ShapeDtypeStruct((idx3.shape[0] * BT, d), out_dtype or table.dtype),
         scratch_shapes=[pltpu.VMEM((2, k, bd), _word_dtype(table.dtype)),
                         pltpu.VMEM((BT, bd), jnp.float32), pltpu.SemaphoreType.DMA((2,))],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),

@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from mnemax.errors import ConfigError, check_choices
 from mnemax.layers import axes, checkpoint_names
@@ -96,6 +97,15 @@ def init_cache(config: GatedDeltaConfig, batch: int, dtype=jnp.float32) -> Gated
     )
 
 
+def _rule_spec() -> PartitionSpec | None:
+    """How the active logical rules split the rule's `[batch, time, heads, d]`, for its
+    `shard_map`; None without a mesh in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+
+
 def _dt_bias_init(key, shape, dtype=jnp.float32):
     """Mamba2's init: softplus(dt_bias) log-uniform in [1e-3, 1e-1]."""
     dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(0.1) - math.log(1e-3))
@@ -110,8 +120,10 @@ def _a_log_init(key, shape, dtype=jnp.float32):
 class GatedDeltaNet(nn.Module):
     """`[batch, time, embed] -> [batch, time, embed]`.
 
-    Without `cache` the whole sequence is mixed by the chunkwise-parallel op; with a cache
-    (decoding) the recurrence continues from it and the updated cache is returned.
+    Without `cache` the whole sequence is mixed by the chunkwise-parallel op (with a mesh in
+    context, per device inside `shard_map`: batch and heads split as the logical rules split the
+    activations); with a cache (decoding) the recurrence continues from it and the updated cache
+    is returned.
     Tags for remat policies: `gdn_qkv` (`[batch, time, 2 hk + hv]`, the projections before the
     conv) and `gdn_out` (`[batch, time, value_heads, value_dim]`, the op's output).
     """
@@ -162,7 +174,7 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             impl, form = impl_and_form(cfg.impl)
             o, _ = gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.chunk_size, impl=impl,
-                                    form=form)
+                                    form=form, spec=_rule_spec())
             new_cache = None
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, initial_state=cache.state,

@@ -93,12 +93,22 @@ def _state_shape_fields(recipe_dict: dict) -> dict[str, Any]:
     return fields
 
 
+def _differs(saved: Any, now: Any) -> bool:
+    """Whether a recipe value differs from the checkpoint's. In a nested config (a dict) only
+    the keys the checkpoint has count: one it lacks is a field added by a later mnemax (else no
+    checkpoint of that config written before it could resume); whether the new field changes
+    the state's tree, the restore's array check (`Checkpointer.restore`) decides."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return any(_differs(value, now.get(key)) for key, value in saved.items())
+    return saved != now
+
+
 def check_same_state(saved: dict, recipe: Recipe, step: int, directory: Path) -> None:
     """Raises CheckpointError naming each recipe field whose change gives the train state
     another tree than the one checkpoint `step` holds (a changed model or optimizer state)."""
     before, now = _state_shape_fields(saved), _state_shape_fields(recipe_to_dict(recipe))
     changed = [f"{k}: checkpoint {before.get(k)!r} vs recipe {v!r}" for k, v in now.items()
-               if before.get(k) != v]
+               if _differs(before.get(k), v)]
     if changed:
         raise CheckpointError(
             f"the checkpoint at step {step} in {directory} was written with a different model "

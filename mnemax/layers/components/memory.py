@@ -17,7 +17,7 @@ from mnemax.layers.memory import (
     memory_flops_per_token,
     memory_param_count,
 )
-from mnemax.layers.memory.layer import value_table_init, value_width
+from mnemax.layers.memory.layer import TUCKER_LOSS, value_table_init, value_width
 from mnemax.layers.memory.retrieval import MEMORY_KEYS, MEMORY_RANK
 from mnemax.layers.memory.values import MEMORY_ROWS
 
@@ -37,7 +37,9 @@ class MemoryFFN(Component):
     name: ClassVar[str] = "memory"
     module_name: ClassVar[str] = "memory"
     remat_names: ClassVar[tuple[str, ...]] = (names.MEMORY_OUT,)
-    aux_keys: ClassVar[tuple[str, ...]] = ("memory/usage", "memory/weight_entropy")
+    # TUCKER_LOSS (`loss/memory_tucker_core`) only with `tucker_penalty > 0`; the trainer adds
+    # every `loss/*` entry to the objective.
+    aux_keys: ClassVar[tuple[str, ...]] = ("memory/usage", "memory/weight_entropy", TUCKER_LOSS)
     # Value tables are sparse (own lr, no decay); sub-keys and Tucker cores are not decayed:
     # the reasons are in mnemax/layers/roles.py.
     axis_roles: ClassVar[dict[str, str]] = {MEMORY_ROWS: "table", MEMORY_KEYS: "keys",

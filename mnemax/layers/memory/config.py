@@ -14,6 +14,7 @@ QueryNorm = Literal["none", "layernorm", "rmsnorm", "batchnorm"]
 MemoryMode = Literal["replace", "parallel"]
 PeerActivation = Literal["gelu", "none"]
 MemoryInit = Literal["default", "ultramemv2"]
+SlotWeights = Literal["auto", "softmax", "scores"]
 
 VARIANTS = get_args(MemoryVariant)
 QUERY_NORMS = get_args(QueryNorm)
@@ -48,6 +49,13 @@ class MemoryConfig:
     qk_norm: bool = False  # L2-normalise query halves and sub-keys (cosine scores), Memory+
     gated: bool = False  # out = W_o(silu(W_g x) * memory(x)) ("swilu"), Memory+
     tucker_rank: int = 0  # UltraMem: rank of the Tucker core; 0 = plain row + column sum
+    tucker_cores: int = 1  # UltraMem's multi-core scoring: C cores, value rows split in C parts
+    # UltraMem's core penalty alpha/(r-1) sum_{i>=2} max(0, lambda_i - tau)^2 (aux
+    # `loss/memory_tucker_core`); 0 = off (UltraMemV2 Sec. 4.2.7 drops it)
+    tucker_penalty: float = 0.0
+    tucker_margin: float = 0.15  # tau of the core penalty (UltraMem's reference code)
+    # auto: raw scores for ultramem (its Eq. 5 / reference code), softmax for the others
+    slot_weights: SlotWeights = "auto"
     value_expansion: int = 1  # UltraMem: virtual rows per physical row, read through projections
     layers: tuple[int, ...] = ()  # indices of the blocks that hold a memory
     mode: MemoryMode = "replace"  # replace: memory instead of the FFN; parallel: beside it
@@ -72,6 +80,14 @@ class MemoryConfig:
     @property
     def physical_rows(self) -> int:
         return self.num_rows // self.value_expansion
+
+    @property
+    def weighting(self) -> Literal["softmax", "scores"]:
+        """How a head's k slot scores weight the values: `softmax` (PKM, Memory+, PEER) or the
+        raw `scores` (UltraMem and UltraMemV2, see `retrieval`)."""
+        if self.slot_weights != "auto":
+            return self.slot_weights
+        return "scores" if self.variant == "ultramem" else "softmax"
 
     def linear_std(self, fan_in: int, d_model: int) -> float:
         """Init std of a linear layer of the memory: 1 / sqrt(fan_in) (`init="default"`), or for
@@ -115,8 +131,33 @@ class MemoryConfig:
         if bad:
             raise ConfigError(f"{PATH}.layers={self.layers} names blocks {bad} outside the "
                               f"model's {num_layers} layers")
-        del d_model
+        self._validate_tucker(d_model)
         self._validate_peer_and_init()
+
+    def _validate_tucker(self, d_model: int) -> None:
+        """Raises ConfigError for a Tucker (UltraMem) option that cannot apply."""
+        if self.tucker_rank < 0 or self.tucker_cores < 1:
+            raise ConfigError(f"{PATH}.tucker_rank={self.tucker_rank} and {PATH}.tucker_cores="
+                              f"{self.tucker_cores} must be >= 0 and >= 1")
+        if self.tucker_rank == 0 and (self.tucker_cores > 1 or self.tucker_penalty):
+            raise ConfigError(f"{PATH}.tucker_cores / tucker_penalty need Tucker retrieval: set "
+                              f"{PATH}.tucker_rank >= 2 or leave them at 1 / 0")
+        if self.tucker_penalty and self.tucker_rank < 2:
+            raise ConfigError(f"{PATH}.tucker_penalty penalises singular values 2..r of the core: "
+                              f"it needs {PATH}.tucker_rank >= 2")
+        if self.tucker_rank and self.query_norm != "layernorm":
+            raise ConfigError(f"{PATH}.query_norm={self.query_norm} with tucker_rank > 0: "
+                              "UltraMem's retrieval LayerNorms queries and keys (with a gain); "
+                              f"set {PATH}.query_norm=layernorm")
+        if self.tucker_rank and self.qk_norm:
+            raise ConfigError(f"{PATH}.qk_norm=true is Memory+'s cosine scoring; with "
+                              f"tucker_rank > 0 queries and keys are LayerNormed: unset one")
+        if self.tucker_cores > 1 and self.variant == "peer":
+            raise ConfigError(f"{PATH}.tucker_cores={self.tucker_cores} splits embedding value "
+                              f"rows; PEER experts are read whole: set {PATH}.tucker_cores=1")
+        if (self.value_dim or d_model) % self.tucker_cores:
+            raise ConfigError(f"{PATH}.value_dim={self.value_dim or d_model} is not divisible by "
+                              f"{PATH}.tucker_cores={self.tucker_cores} (one part per core)")
 
     def _validate_peer_and_init(self) -> None:
         """Raises ConfigError for a PEER option or an initialisation that cannot apply."""

@@ -15,15 +15,19 @@ from mnemax.layers.memory.initialization import (
     ultramemv2_init,
     weight_energy,
 )
-from mnemax.layers.memory.retrieval import ProductKeyRetrieval
+from mnemax.layers.memory.retrieval import ProductKeyRetrieval, core_rank_loss
 from mnemax.layers.memory.values import (
     MEMORY_DIM,
     MEMORY_EXPANSION,
     MEMORY_ROWS,
+    expanded_index,
+    expert_activations,
     read_expanded_values,
     read_values,
     slot_statistics,
 )
+
+TUCKER_LOSS = "loss/memory_tucker_core"
 
 
 def value_table_init(config: MemoryConfig, value_dim: int) -> nn.initializers.Initializer:
@@ -38,9 +42,14 @@ def value_width(config: MemoryConfig, d_model: int) -> int:
 
 
 class MemoryLayer(nn.Module):
-    """`[B, T, D] -> ([B, T, D], aux)`; aux has `memory/usage` and `memory/weight_entropy`.
+    """`[B, T, D] -> ([B, T, D], aux)`; aux has `memory/usage` and `memory/weight_entropy`, and
+    with `tucker_penalty > 0` UltraMem's core penalty, weighted, as `loss/memory_tucker_core`
+    (the trainer adds `loss/*` entries to the objective).
 
-    pkm / ultramem: out = memory(x) (projected to D if value_dim != D).
+    pkm / ultramem: out = memory(x) (projected to D if value_dim != D). ultramem reads
+    `value_expansion` virtual slots per physical row through one projection each (implicit
+    value expansion, shuffled slots; `values.read_expanded_values`) and weights part c of each
+    row by Tucker core c's score (`tucker_cores`).
     memory_plus or gated: out = W_o(silu(W_g x) * memory(x)).
     peer: out = sum_i g_i * up_i * act(down_i . x') over the retrieved experts i, with
     x' = x (PEER) or x W_pre (`pre_value_dim`, UltraMemV2), act = gelu or identity, and the sum
@@ -63,10 +72,15 @@ class MemoryLayer(nn.Module):
         batch, time, d_model = x.shape
         d_v = value_width(cfg, d_model)
         retrieval = ProductKeyRetrieval(cfg, name="retrieval")
-        weights, indices, _ = retrieval(x)
-        aux = slot_statistics(indices, weights, cfg.num_rows)
+        weights, indices, _ = retrieval(x)  # weights [B, T, H, C, k]
+        # Raw scores (UltraMem) may be negative: usage statistics count their magnitude.
+        aux = slot_statistics(indices, jnp.sum(jnp.abs(weights), axis=-2), cfg.num_rows)
+        if cfg.tucker_penalty:
+            cores = nn.unbox(retrieval.variables["params"]["core"])
+            aux[TUCKER_LOSS] = cfg.tucker_penalty * core_rank_loss(cores, cfg.tucker_margin)
         flat_i = indices.reshape(batch * time, -1)
-        flat_w = weights.reshape(batch * time, -1)
+        # [BT, H*k, C]: slot j of head h is column h*k + j, as in flat_i.
+        flat_w = jnp.swapaxes(weights, -1, -2).reshape(batch * time, flat_i.shape[1], -1)
         flat_x = x.reshape(batch * time, d_model)
         if cfg.init == "ultramemv2":
             value_std = 0.0  # only read at init
@@ -98,22 +112,26 @@ class MemoryLayer(nn.Module):
             if cfg.pre_value_dim:
                 flat_x = flat_x @ linear("pre_value_proj", (d_model, d_prev),
                                          (axes.EMBED, MEMORY_DIM))
-            experts = jnp.take(down.astype(x.dtype), flat_i, axis=0)  # [BT, H*k, d_prev]
-            activation = jnp.einsum("tjd,td->tj", experts, flat_x,
-                                    preferred_element_type=jnp.float32)
+            # [BT, H*k] fp32: each picked expert's down vector . x', by the bag kernels
+            activation = expert_activations(down.astype(x.dtype), flat_i, flat_x, impl=cfg.impl)
             if cfg.peer_activation == "gelu":
                 activation = jax.nn.gelu(activation)
-            memory = read_values(table, flat_i, flat_w * activation, impl=cfg.impl)
+            memory = read_values(table, flat_i, flat_w[..., 0] * activation, impl=cfg.impl)
             memory = memory.astype(x.dtype)
             if d_v != d_model:
                 memory = memory @ linear("out", (d_v, d_model), (MEMORY_DIM, axes.EMBED))
             return self._tag(memory.reshape(batch, time, d_model)), aux
 
-        projections = None
-        if cfg.value_expansion > 1:
-            projections = linear("value_projections", (cfg.value_expansion, d_v, d_v),
-                                 (MEMORY_EXPANSION, MEMORY_DIM, None))
-        memory = read_expanded_values(table, projections, flat_i, flat_w, impl=cfg.impl)
+        if cfg.value_expansion == 1 and cfg.tucker_cores == 1:
+            memory = read_values(table, flat_i, flat_w[..., 0], impl=cfg.impl)
+        else:
+            projections = None
+            rows, which = flat_i, jnp.zeros_like(flat_i)
+            if cfg.value_expansion > 1:
+                projections = linear("value_projections", (cfg.value_expansion, d_v, d_v),
+                                     (MEMORY_EXPANSION, MEMORY_DIM, None))
+                rows, which = expanded_index(flat_i, cfg.num_rows, cfg.value_expansion)
+            memory = read_expanded_values(table, projections, rows, which, flat_w)
         memory = memory.astype(x.dtype)
         gated = cfg.gated or cfg.variant == "memory_plus"
         if gated:
@@ -132,9 +150,12 @@ def memory_param_count(cfg: MemoryConfig, d_model: int, *, include_values: bool 
     """Parameters of one memory layer (without the shared table when `include_values` is off)."""
     d_v = value_width(cfg, d_model)
     rank = max(cfg.tucker_rank, 1)
-    count = d_model * cfg.num_heads * rank * cfg.key_dim + cfg.num_heads * cfg.subkeys * cfg.key_dim
+    key_heads = 1 if cfg.variant == "peer" else cfg.num_heads  # PEER's heads share sub-keys
+    count = d_model * cfg.num_heads * rank * cfg.key_dim + key_heads * cfg.subkeys * cfg.key_dim
     if cfg.tucker_rank:
-        count += cfg.num_heads * rank * rank
+        count += cfg.num_heads * cfg.tucker_cores * rank * rank
+    if cfg.tucker_rank or cfg.qk_norm:
+        count += cfg.key_dim  # query and key gains, key_dim / 2 each
     if include_values:
         count += cfg.physical_rows * d_v
     if cfg.variant == "peer":
@@ -160,7 +181,8 @@ def memory_flops_per_token(cfg: MemoryConfig, d_model: int) -> float:
     reads = cfg.num_heads * cfg.topk
     forward = d_model * cfg.num_heads * rank * cfg.key_dim  # query
     forward += cfg.num_heads * cfg.subkeys * cfg.key_dim * rank  # sub-key scores
-    forward += cfg.num_heads * cfg.topk**2 * rank * rank if cfg.tucker_rank else 0
+    if cfg.tucker_rank:  # exact scores of the k*k candidates under each core
+        forward += cfg.num_heads * cfg.tucker_cores * cfg.topk**2 * rank * rank
     if cfg.variant == "peer":
         d_prev = cfg.pre_value_dim or d_model
         forward += reads * (d_prev + d_v)

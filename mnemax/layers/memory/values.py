@@ -5,17 +5,21 @@ The table has logical axes `("memory_rows", "memory_dim")`. When the strategy ma
 the slot indices and weights are all-gathered (they are small), each device reads its slice of
 the selected rows for all tokens, and no device ever holds the whole table. When it maps
 `memory_rows` instead, each device reads the selected rows it owns and the partial sums are
-added across devices.
+added across devices. When it maps neither (`replicated`), each device reads its own tokens'
+rows from its whole copy. Every layout runs the read inside `shard_map`.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mnemax.layers.kernels.embedding_bag import embedding_bag
+from mnemax.layers import axes
+from mnemax.layers.kernels.embedding_bag import embedding_bag, row_dot
 
 MEMORY_ROWS = "memory_rows"
 MEMORY_DIM = "memory_dim"
@@ -36,11 +40,16 @@ def read_values(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
     """`out[t] = sum_j weights[t, j] * table[indices[t, j]]`.
 
     table `[N, d]`, indices `[T, J]` int32, weights `[T, J]` -> `[T, d]` in the table's dtype
-    (accumulated in fp32), laid out by the table's sharding.
+    (accumulated in fp32), laid out by the table's sharding. With a mesh in context the read
+    runs inside `shard_map` whatever the table's layout (XLA cannot partition the kernels' custom
+    calls: under GSPMD every device would read the whole batch).
     """
     spec = _mesh_axes((MEMORY_ROWS, MEMORY_DIM))
     if spec is None:
-        return embedding_bag(table, indices, weights, impl=impl)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            return embedding_bag(table, indices, weights, impl=impl)
+        return _read_replicated_table(table, indices, weights, impl=impl)
     row_axes, dim_axes = spec[0], spec[1]
     if row_axes is None:
         fn = jax.shard_map(
@@ -69,22 +78,167 @@ def read_values(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
     return fn(table, indices, weights)
 
 
-def read_expanded_values(table: jax.Array, projections: jax.Array | None, indices: jax.Array,
-                         weights: jax.Array, *, impl: str = "auto") -> jax.Array:
-    """UltraMem's implicit value expansion.
+def _read_replicated_table(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
+                           impl: str) -> jax.Array:
+    """`read_values` of a table every device holds whole (`memory_sharding=replicated`).
 
-    Virtual row `v = p * E + e` is `table[p] @ projections[e]`: table `[N / E, d_p]`,
-    projections `[E, d_p, d_v]`, indices into the N virtual rows `[T, J]` -> `[T, d_v]`. The read
-    groups the selected rows by projection, so each projection is applied once per token.
+    Each device reads the rows of its own tokens: the tokens `[T, J]` are split as the
+    activations' batch is (`act_batch`: `[B, time]` flattened batch-major, so a block of whole
+    sequences per device), padded with zero-weight reads to a multiple of the devices; nothing
+    is communicated forward. Backward, shard_map's transpose sums each device's table gradient
+    over the devices (the table's cotangent over the axes its spec does not name).
     """
+    token_axes = nn.logical_to_mesh_axes((axes.ACT_BATCH,))[0]
+    names = () if token_axes is None else (
+        (token_axes,) if isinstance(token_axes, str) else tuple(token_axes))
+    shards = math.prod(jax.sharding.get_abstract_mesh().shape[n] for n in names)
+    tokens = indices.shape[0]
+    pad = -tokens % shards
+    if pad:  # a batch too small to split evenly (one sequence at init, a short eval batch)
+        indices = jnp.pad(indices, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    split = PartitionSpec(token_axes)
+    fn = jax.shard_map(
+        lambda t, i, w: embedding_bag(t, i, w, impl=impl),
+        in_specs=(PartitionSpec(), split, split), out_specs=split,
+        check_vma=False,  # the Pallas kernels' outputs carry no varying-axes annotation
+    )
+    out = fn(table, indices, weights)
+    return out[:tokens] if pad else out
+
+
+def _axis_names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_activations(table: jax.Array, indices: jax.Array, x: jax.Array, *,
+                       impl: str = "auto") -> jax.Array:
+    """PEER's down read: `act[t, j] = table[indices[t, j]] . x[t]`.
+
+    table `[N, d]` (the experts' down vectors), indices `[T, J]` int32, x `[T, d]` -> `[T, J]`
+    fp32, by the embedding-bag kernels (`row_dot`: no `[T, J, d]` gather, and a bag-kernel
+    table gradient instead of a scatter). Laid out as `read_values` lays out the table: column
+    slices give partial dot products summed over the devices; row slices give each device's
+    own rows' activations (zero elsewhere), summed; a replicated table reads each device's
+    tokens. Always inside `shard_map` under a mesh.
+    """
+    spec = _mesh_axes((MEMORY_ROWS, MEMORY_DIM))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return row_dot(table, indices, x, impl=impl)
+    if spec is None:
+        return _replicated_expert_activations(table, indices, x, impl=impl)
+    row_axes, dim_axes = spec[0], spec[1]
+    rows_names, dim_names = _axis_names(row_axes), _axis_names(dim_axes)
+
+    def local(t, i, v):
+        if rows_names:
+            start = jax.lax.axis_index(rows_names) * t.shape[0]
+            local_i = i - start
+            mine = (local_i >= 0) & (local_i < t.shape[0])
+            # The where on the output also zeroes the cotangent of other devices' picks, so
+            # the table gradient skips them.
+            act = jnp.where(mine, row_dot(t, jnp.where(mine, local_i, 0), v, impl=impl), 0.0)
+        else:
+            act = row_dot(t, i, v, impl=impl)
+        return jax.lax.psum(act, rows_names + dim_names)
+
+    fn = jax.shard_map(
+        local,
+        in_specs=(PartitionSpec(row_axes, dim_axes), PartitionSpec(),
+                  PartitionSpec(None, dim_axes)),
+        out_specs=PartitionSpec(),
+        check_vma=False,  # the Pallas kernels' outputs carry no varying-axes annotation
+    )
+    return fn(table, indices, x)
+
+
+def _replicated_expert_activations(table: jax.Array, indices: jax.Array, x: jax.Array, *,
+                                   impl: str) -> jax.Array:
+    """`expert_activations` of a table every device holds whole: each device its own tokens,
+    split and padded as `_read_replicated_table` splits them."""
+    token_axes = nn.logical_to_mesh_axes((axes.ACT_BATCH,))[0]
+    shards = axes.shard_counts((axes.ACT_BATCH,))[0]
+    tokens = indices.shape[0]
+    pad = -tokens % shards
+    if pad:
+        indices = jnp.pad(indices, ((0, pad), (0, 0)))
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+    split = PartitionSpec(token_axes)
+    fn = jax.shard_map(lambda t, i, v: row_dot(t, i, v, impl=impl),
+                       in_specs=(PartitionSpec(), split, split), out_specs=split,
+                       check_vma=False)
+    out = fn(table, indices, x)
+    return out[:tokens] if pad else out
+
+
+FEISTEL_ROUNDS = 4
+_FEISTEL_KEYS = (0x9E3779B9, 0x7F4A7C15, 0x85EBCA6B, 0xC2B2AE35)
+
+
+def _round_function(half: jax.Array, round_key: int, n: int) -> jax.Array:
+    """A keyed integer hash of `half` (uint32 arithmetic, wrapping) reduced mod n."""
+    h = (half.astype(jnp.uint32) + jnp.uint32(round_key)) * jnp.uint32(0x9E3779B1)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    return (h % jnp.uint32(n)).astype(jnp.int32)
+
+
+def shuffle_virtual_index(indices: jax.Array, num_rows: int) -> jax.Array:
+    """UltraMem's fixed shuffle of the virtual slots (UltraMemV2 Eq. 8, s_hat =
+    Shuffle(vec(S_grid)), "to eliminate some unnecessary index topology prior introduced by row
+    and column scoring"): a fixed pseudo-random permutation of `[0, num_rows)`.
+
+    The reference code stores `torch.randperm(N)`; we compute a keyed 4-round Feistel network on
+    the (row, column) = divmod(v, n) pair, n^2 = num_rows: each round maps (a, b) -> (b, (a +
+    F(b)) mod n), a bijection of Z_n^2 for any hash F, so the map is a permutation without an
+    N-entry table to store, shard or checkpoint. `indices [...]` int32 -> same shape.
+    """
+    n = math.isqrt(num_rows)
+    a, b = indices // n, indices % n
+    for key in _FEISTEL_KEYS[:FEISTEL_ROUNDS]:
+        a, b = b, (a + _round_function(b, key, n)) % n
+    return a * n + b
+
+
+def expanded_index(indices: jax.Array, num_rows: int, expansion: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Virtual slot -> (physical row, projection) under UltraMem's implicit value expansion:
+    s = shuffle(v), row = s mod (N / E), projection = s div (N / E) (the reference code's
+    `real_indice = s % value_num`, `group_indice = s // value_num`), so the E virtual slots that
+    share a physical row are E scattered slots, not neighbours in the score grid."""
+    physical = num_rows // expansion
+    shuffled = shuffle_virtual_index(indices, num_rows)
+    return shuffled % physical, shuffled // physical
+
+
+def read_expanded_values(table: jax.Array, projections: jax.Array | None, rows: jax.Array,
+                         which: jax.Array, weights: jax.Array) -> jax.Array:
+    """UltraMem's implicit value expansion and multi-core value split, in one pass.
+
+    table `[P, d]`; projections `[E, d, d_v]` (None: E = 1, no projection); rows `[T, J]`
+    physical rows and which `[T, J]` projections of the J picks (`expanded_index`); weights
+    `[T, J, C]`: part c (columns c*d/C..(c+1)*d/C) of a row is weighted by `weights[..., c]`
+    (UltraMem's multi-core scoring). Returns `[T, d_v]` (`[T, d]` without projections):
+
+        out[t] = sum_e (sum_{j: which_j = e} sum_c weights[t, j, c] table[rows_j, part c]) W_e
+
+    (UltraMemV2 Eq. 9, o = sum_p W_p^T V^T s_hat_p). One gather of the J rows per token and one
+    table-gradient write, whatever E and C: the rows are weighted into `[T, E, d]` by a one-hot
+    of their projection, then each projection is applied once per token.
+    """
+    expansion = 1 if projections is None else projections.shape[0]
+    cores = weights.shape[-1]
+    picked = jnp.take(table, rows, axis=0)  # [T, J, d]
+    picked = picked.reshape(*picked.shape[:2], cores, -1).astype(jnp.float32)
+    route = jax.nn.one_hot(which, expansion, dtype=jnp.float32)  # [T, J, E]
+    grouped = jnp.einsum("tjc,tje,tjcf->tecf", weights.astype(jnp.float32), route, picked)
+    grouped = grouped.reshape(*grouped.shape[:2], -1)  # [T, E, d]
     if projections is None:
-        return read_values(table, indices, weights, impl=impl)
-    expansion = projections.shape[0]
-    physical, which = indices // expansion, indices % expansion
-    per_projection = [read_values(table, physical, jnp.where(which == e, weights, 0), impl=impl)
-                      for e in range(expansion)]
-    stacked = jnp.stack(per_projection, axis=1)  # [T, E, d_p]
-    return jnp.einsum("tep,epv->tv", stacked, projections.astype(stacked.dtype))
+        return grouped[:, 0].astype(table.dtype)
+    out = jnp.einsum("tep,epv->tv", grouped, projections.astype(jnp.float32))
+    return out.astype(table.dtype)
 
 
 def slot_statistics(indices: jax.Array, weights: jax.Array, num_rows: int) -> dict[str, jax.Array]:

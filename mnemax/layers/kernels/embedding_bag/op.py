@@ -75,13 +75,23 @@ def embedding_bag(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
     idx2 = indices.reshape(-1, k).astype(jnp.int32)
     w2 = weights.reshape(-1, k)
     d = table.shape[1]
-    # A platform whose kernel cannot take this width runs the reference.
-    gpu_ok = pallas_gpu.supported(d, table.shape[0], idx2.shape[0])
-    tpu_ok = pallas_tpu.supported(d)
-    (gpu, tpu), (gpu_i, tpu_i) = _kernel_ops(False), _kernel_ops(True)
-    fn = dispatch.select(impl, reference=_reference_op(),
-                         gpu=gpu if gpu_ok else None, tpu=tpu if tpu_ok else None,
-                         gpu_interpret=gpu_i if gpu_ok else None,
-                         tpu_interpret=tpu_i if tpu_ok else None,
-                         auto_platforms=AUTO_PLATFORMS, interpret_backend=interpret_backend)
+    fn = select_bag_op(impl, table.shape, idx2.shape[0], _reference_op(), _kernel_ops,
+                       interpret_backend)
     return fn(table, idx2, w2).reshape(*lead, d)
+
+
+def select_bag_op(impl: str, table_shape: tuple[int, int], bags: int, reference: Callable,
+                  kernel_ops: Callable[[bool], tuple[Callable, Callable]],
+                  interpret_backend: str | None) -> Callable:
+    """`dispatch.select` for an op built on the bag kernels: `kernel_ops(interpret)` gives its
+    (gpu, tpu) versions; a platform whose kernel cannot take this table width (or size) runs
+    `reference`."""
+    rows, d = table_shape
+    gpu_ok = pallas_gpu.supported(d, rows, bags)
+    tpu_ok = pallas_tpu.supported(d)
+    (gpu, tpu), (gpu_i, tpu_i) = kernel_ops(False), kernel_ops(True)
+    return dispatch.select(impl, reference=reference,
+                           gpu=gpu if gpu_ok else None, tpu=tpu if tpu_ok else None,
+                           gpu_interpret=gpu_i if gpu_ok else None,
+                           tpu_interpret=tpu_i if tpu_ok else None,
+                           auto_platforms=AUTO_PLATFORMS, interpret_backend=interpret_backend)

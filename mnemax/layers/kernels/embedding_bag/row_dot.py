@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from mnemax.errors import ConfigError
 from mnemax.layers.kernels import dispatch
 from mnemax.layers.kernels.embedding_bag import pallas_gpu, pallas_tpu
-from mnemax.layers.kernels.embedding_bag.op import AUTO_PLATFORMS
+from mnemax.layers.kernels.embedding_bag.op import select_bag_op
 from mnemax.layers.kernels.embedding_bag.reference import reference_d_table, reference_d_weights
 
 
@@ -96,13 +96,7 @@ def row_dot(table: jax.Array, indices: jax.Array, x: jax.Array, *, impl: str = "
     j = indices.shape[-1]
     idx2 = indices.reshape(-1, j).astype(jnp.int32)
     x2 = x.reshape(-1, d)
-    gpu_ok = pallas_gpu.supported(d, table.shape[0], idx2.shape[0])
-    tpu_ok = pallas_tpu.supported(d)
-    (gpu, tpu), (gpu_i, tpu_i) = _kernel_ops(False), _kernel_ops(True)
-    fn = dispatch.select(impl, reference=_reference_op(),
-                         gpu=gpu if gpu_ok else None, tpu=tpu if tpu_ok else None,
-                         gpu_interpret=gpu_i if gpu_ok else None,
-                         tpu_interpret=tpu_i if tpu_ok else None,
-                         auto_platforms=AUTO_PLATFORMS, interpret_backend=interpret_backend)
+    fn = select_bag_op(impl, table.shape, idx2.shape[0], _reference_op(), _kernel_ops,
+                       interpret_backend)
     return fn(table, idx2, x2).reshape(*lead, j)
 

@@ -13,6 +13,7 @@ from mnemax.layers.kernels import dispatch
 from mnemax.layers.kernels.embedding_bag import (
     embedding_bag,
     pallas_gpu,
+    pallas_tpu,
     reference,
     row_dot,
     row_dot_reference,
@@ -284,19 +285,28 @@ def test_gpu_kernels_refuse_tables_whose_offsets_overflow_int32():
     assert not pallas_gpu.supported(2048, 1024, 2**20 + 1)
 
 
-def test_gpu_d_table_skips_masked_picks_and_spreads_a_hot_row():
+@pytest.mark.parametrize("backend,n,dtype", [("gpu", 20, jnp.float32),
+                                             ("tpu", 21, jnp.bfloat16)])
+def test_d_table_skips_masked_picks_and_spreads_a_hot_row(backend, n, dtype):
     """Row sharding masks the picks of other shards to (row 0, weight 0): they must add nothing
     even where d_out is not finite (a kernel that multiplies them in gives 0 * inf = NaN), and
-    a row picked 160 times is summed over several chunks and levels."""
-    n, d, t, k = 20, 128, 8, 40
+    a row picked 160 times is summed over several GPU chunks and levels / TPU blocks. The TPU
+    case has bf16 rows written in word pairs and an odd N (row N - 1 shares its pair with the
+    sentinel N)."""
+    d, t, k = 128, 8, 40
     kw, kg, ki = jax.random.split(jax.random.key(5), 3)
-    table = jnp.zeros((n, d), jnp.float32)
+    table = jnp.zeros((n, d), dtype)
     idx = jnp.where(jnp.arange(t)[:, None] < 4, 0, jax.random.randint(ki, (t, k), 0, n))
+    idx = idx.at[5, :3].set(n - 1)
     w = jnp.where(jnp.arange(t)[:, None] < 2, 0.0, jax.random.normal(kw, (t, k)))
     g = jax.random.normal(kg, (t, d), jnp.float32).at[:2].set(jnp.inf)  # masked tokens
-    assert pallas_gpu.segment_levels(t * k) == 3
-    dt = jax.jit(functools.partial(pallas_gpu.d_table, interpret=True))(table, idx, w, g)
-    assert np.isfinite(np.asarray(dt)).all()
+    module = {"gpu": pallas_gpu, "tpu": pallas_tpu}[backend]
+    if backend == "gpu":
+        assert pallas_gpu.segment_levels(t * k) == 3
+    else:
+        assert t * k > 2 * pallas_tpu.BE  # row 0's segment crosses blocks
+    dt = jax.jit(functools.partial(module.d_table, interpret=True))(table, idx, w, g)
+    assert np.isfinite(np.asarray(dt, np.float32)).all()
     w64, g64, i = np.asarray(w, np.float64), np.asarray(g, np.float64), np.asarray(idx)
     real = w64 != 0
     terms = w64[real][:, None] * g64[np.nonzero(real)[0]]
@@ -304,9 +314,9 @@ def test_gpu_d_table_skips_masked_picks_and_spreads_a_hot_row():
     np.add.at(exact, i[real], terms)
     np.add.at(abs_sum, i[real], np.abs(terms))
     uses = np.bincount(i[real], minlength=n)
-    assert uses[0] >= 2 * k  # tokens 2, 3: all their picks on row 0
+    assert uses[0] >= 2 * k and uses[n - 1] >= 3  # tokens 2, 3: all their picks on row 0
     err = np.abs(np.asarray(dt, np.float64) - exact)
-    assert (err <= _bound(exact, abs_sum, uses.max(), jnp.float32)).all()
+    assert (err <= _bound(exact, abs_sum, uses.max(), dtype)).all()
 
 
 ROW_DOT_N, ROW_DOT_D, ROW_DOT_T, ROW_DOT_J = 29, 256, 6, 20

@@ -35,8 +35,9 @@ Where mnemax differs from the paper, and what we do instead (derived, not quoted
   layer's own retrieval, at init (`weight_energy`). The keys keep their default init (a softmax
   needs no score calibration).
 - Embedding values (pkm, ultramem): one factor sigma_V^2 instead of the pre-value dot product,
-  sigma_mem^2 = E_w n_head sigma_V^2 * c * b, with c = d_v s^2 for UltraMem's expansion
-  projections (1 without them).
+  sigma_mem^2 = E_w n_head sigma_V^2 * b, with b = d_v s^2 for the one linear that follows the
+  read (UltraMem's expansion projections W_p `[d_v, D]`, or the output projection when
+  d_v != D; 1 without either).
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ def ultramemv2_init(config: MemoryConfig, d_model: int, energy: float | jax.Arra
         d_prev = config.pre_value_dim or d_model
         a_pre = d_model * s**2 if config.pre_value_dim else 1.0
         value_std = (target / (a_pre * reads * d_prev * value_proj)) ** 0.25
-    else:
-        expansion = d_v * s**2 if config.value_expansion > 1 else 1.0
-        value_std = (target / (reads * expansion * value_proj)) ** 0.5
+    else:  # one linear after the read: UltraMem's W_p [d_v, D], or the output projection
+        projected = d_v * s**2 if config.value_expansion > 1 or d_v != d_model else 1.0
+        value_std = (target / (reads * projected)) ** 0.5
     return UltraMemV2Init(linear_std=s, value_std=value_std, target_std=target**0.5,
                           weight_energy=energy)
 

@@ -41,15 +41,21 @@ def value_width(config: MemoryConfig, d_model: int) -> int:
     return config.value_dim or d_model
 
 
+def read_width(config: MemoryConfig, d_model: int) -> int:
+    """Width of what the value read returns: d_model through UltraMem's expansion projections,
+    else the value width."""
+    return d_model if config.value_expansion > 1 else value_width(config, d_model)
+
+
 class MemoryLayer(nn.Module):
     """`[B, T, D] -> ([B, T, D], aux)`; aux has `memory/usage` and `memory/weight_entropy`, and
     with `tucker_penalty > 0` UltraMem's core penalty, weighted, as `loss/memory_tucker_core`
     (the trainer adds `loss/*` entries to the objective).
 
     pkm / ultramem: out = memory(x) (projected to D if value_dim != D). ultramem reads
-    `value_expansion` virtual slots per physical row through one projection each (implicit
-    value expansion, shuffled slots; `values.read_expanded_values`) and weights part c of each
-    row by Tucker core c's score (`tucker_cores`).
+    `value_expansion` virtual slots per physical row through one projection W_p `[D_v, D]` each
+    (implicit value expansion, shuffled slots, UltraMemV2 Eq. 9; `values.read_expanded_values`)
+    and weights part c of each row by Tucker core c's score (`tucker_cores`).
     memory_plus or gated: out = W_o(silu(W_g x) * memory(x)).
     peer: out = sum_i g_i * up_i * act(down_i . x') over the retrieved experts i, with
     x' = x (PEER) or x W_pre (`pre_value_dim`, UltraMemV2), act = gelu or identity, and the sum
@@ -122,23 +128,27 @@ class MemoryLayer(nn.Module):
                 memory = memory @ linear("out", (d_v, d_model), (MEMORY_DIM, axes.EMBED))
             return self._tag(memory.reshape(batch, time, d_model)), aux
 
+        d_read = read_width(cfg, d_model)
         if cfg.value_expansion == 1 and cfg.tucker_cores == 1:
             memory = read_values(table, flat_i, flat_w[..., 0], impl=cfg.impl)
         else:
             projections = None
             rows, which = flat_i, jnp.zeros_like(flat_i)
             if cfg.value_expansion > 1:
-                projections = linear("value_projections", (cfg.value_expansion, d_v, d_v),
-                                     (MEMORY_EXPANSION, MEMORY_DIM, None))
+                # UltraMem's W_p [D_v, D] per virtual block (UltraMemV2 Eq. 9): straight to
+                # the model width, no further output projection
+                projections = linear("value_projections", (cfg.value_expansion, d_v, d_model),
+                                     (MEMORY_EXPANSION, MEMORY_DIM, axes.EMBED))
                 rows, which = expanded_index(flat_i, cfg.num_rows, cfg.value_expansion)
             memory = read_expanded_values(table, projections, rows, which, flat_w)
         memory = memory.astype(x.dtype)
         gated = cfg.gated or cfg.variant == "memory_plus"
+        read_axis = MEMORY_DIM if d_read == d_v else axes.EMBED
         if gated:
-            w_gate = linear("gate", (d_model, d_v), (axes.EMBED, MEMORY_DIM))
+            w_gate = linear("gate", (d_model, d_read), (axes.EMBED, read_axis))
             memory = jax.nn.silu(flat_x @ w_gate) * memory
-        if gated or d_v != d_model:
-            memory = memory @ linear("out", (d_v, d_model), (MEMORY_DIM, axes.EMBED))
+        if gated or d_read != d_model:
+            memory = memory @ linear("out", (d_read, d_model), (read_axis, axes.EMBED))
         return self._tag(memory.reshape(batch, time, d_model)), aux
 
     @staticmethod
@@ -164,13 +174,14 @@ def memory_param_count(cfg: MemoryConfig, d_model: int, *, include_values: bool 
         if cfg.pre_value_dim:
             count += d_model * d_prev
         return count + (d_v * d_model if d_v != d_model else 0)
+    d_read = read_width(cfg, d_model)
     if cfg.value_expansion > 1:
-        count += cfg.value_expansion * d_v * d_v
+        count += cfg.value_expansion * d_v * d_model
     gated = cfg.gated or cfg.variant == "memory_plus"
     if gated:
-        count += d_model * d_v
-    if gated or d_v != d_model:
-        count += d_v * d_model
+        count += d_model * d_read
+    if gated or d_read != d_model:
+        count += d_read * d_model
     return count
 
 
@@ -189,8 +200,10 @@ def memory_flops_per_token(cfg: MemoryConfig, d_model: int) -> float:
         forward += d_model * d_prev if cfg.pre_value_dim else 0
         forward += d_v * d_model if d_v != d_model else 0
     else:
-        forward += reads * d_v * cfg.value_expansion + cfg.value_expansion * d_v * d_v * (
-            cfg.value_expansion > 1)
+        d_read = read_width(cfg, d_model)
+        forward += reads * d_v  # the weighted row sums (one pass, whatever E and C)
+        if cfg.value_expansion > 1:  # each token's E grouped sums through W_p
+            forward += cfg.value_expansion * d_v * d_model
         gated = cfg.gated or cfg.variant == "memory_plus"
-        forward += d_model * d_v * (int(gated) + int(gated or d_v != d_model))
+        forward += d_model * d_read * (int(gated) + int(gated or d_read != d_model))
     return 6.0 * forward

@@ -217,28 +217,82 @@ def read_expanded_values(table: jax.Array, projections: jax.Array | None, rows: 
                          which: jax.Array, weights: jax.Array) -> jax.Array:
     """UltraMem's implicit value expansion and multi-core value split, in one pass.
 
-    table `[P, d]`; projections `[E, d, d_v]` (None: E = 1, no projection); rows `[T, J]`
+    table `[P, d]`; projections `[E, d, D]` (None: E = 1, no projection); rows `[T, J]`
     physical rows and which `[T, J]` projections of the J picks (`expanded_index`); weights
     `[T, J, C]`: part c (columns c*d/C..(c+1)*d/C) of a row is weighted by `weights[..., c]`
-    (UltraMem's multi-core scoring). Returns `[T, d_v]` (`[T, d]` without projections):
+    (UltraMem's multi-core scoring). Returns `[T, D]` (`[T, d]` without projections):
 
         out[t] = sum_e (sum_{j: which_j = e} sum_c weights[t, j, c] table[rows_j, part c]) W_e
 
     (UltraMemV2 Eq. 9, o = sum_p W_p^T V^T s_hat_p). One gather of the J rows per token and one
     table-gradient write, whatever E and C: the rows are weighted into `[T, E, d]` by a one-hot
-    of their projection, then each projection is applied once per token.
+    of their projection, then each projection is applied once per token. The gather runs in
+    `shard_map` laid out as `read_values` lays out the table: a device gathers only rows (or
+    column slices) it holds, and what crosses devices is the `[T, E, d]` group sums, never the
+    `[T, J, d]` gathered rows nor the table.
     """
     expansion = 1 if projections is None else projections.shape[0]
-    cores = weights.shape[-1]
-    picked = jnp.take(table, rows, axis=0)  # [T, J, d]
-    picked = picked.reshape(*picked.shape[:2], cores, -1).astype(jnp.float32)
-    route = jax.nn.one_hot(which, expansion, dtype=jnp.float32)  # [T, J, E]
-    grouped = jnp.einsum("tjc,tje,tjcf->tecf", weights.astype(jnp.float32), route, picked)
-    grouped = grouped.reshape(*grouped.shape[:2], -1)  # [T, E, d]
+    grouped = _grouped_rows(table, rows, which, weights, expansion)  # [T, E, d] fp32
     if projections is None:
         return grouped[:, 0].astype(table.dtype)
     out = jnp.einsum("tep,epv->tv", grouped, projections.astype(jnp.float32))
     return out.astype(table.dtype)
+
+
+def _group_sums(table: jax.Array, rows: jax.Array, which: jax.Array, weights: jax.Array,
+                expansion: int, first_column: jax.Array | int, width: int) -> jax.Array:
+    """`[T, E, d_local]` fp32 group sums of the picks from a table (slice) `[P_local, d_local]`
+    whose first column is column `first_column` of the `width`-wide rows (a column slice under
+    `memory_dim` sharding may cut through the cores' parts)."""
+    picked = jnp.take(table, rows, axis=0).astype(jnp.float32)  # [T, J, d_local]
+    route = jax.nn.one_hot(which, expansion, dtype=jnp.float32)  # [T, J, E]
+    cores = weights.shape[-1]
+    weights = weights.astype(jnp.float32)
+    if cores == 1:
+        return jnp.einsum("tj,tje,tjf->tef", weights[..., 0], route, picked)
+    part = (first_column + jnp.arange(table.shape[1])) // (width // cores)
+    column_core = jax.nn.one_hot(part, cores, dtype=jnp.float32)  # [d_local, C]
+    return jnp.einsum("tjc,fc,tje,tjf->tef", weights, column_core, route, picked)
+
+
+def _grouped_rows(table: jax.Array, rows: jax.Array, which: jax.Array, weights: jax.Array,
+                  expansion: int) -> jax.Array:
+    """`_group_sums` of the whole table, inside `shard_map` under a mesh (see
+    `read_expanded_values`)."""
+    width = table.shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return _group_sums(table, rows, which, weights, expansion, 0, width)
+    spec = _mesh_axes((MEMORY_ROWS, MEMORY_DIM))
+    if spec is None:  # replicated: each device its own tokens
+        token_axes = nn.logical_to_mesh_axes((axes.ACT_BATCH,))[0]
+        shards = axes.shard_counts((axes.ACT_BATCH,))[0]
+        tokens = rows.shape[0]
+        pad = -tokens % shards  # zero-weight picks of row 0
+        rows, which = (jnp.pad(a, ((0, pad), (0, 0))) for a in (rows, which))
+        weights = jnp.pad(weights, ((0, pad), (0, 0), (0, 0)))
+        split = PartitionSpec(token_axes)
+        fn = jax.shard_map(
+            lambda t, r, e, w: _group_sums(t, r, e, w, expansion, 0, width),
+            in_specs=(PartitionSpec(), split, split, split), out_specs=split)
+        return fn(table, rows, which, weights)[:tokens]
+    row_names, dim_names = _axis_names(spec[0]), _axis_names(spec[1])
+
+    def local(t, r, e, w):
+        first_column = jax.lax.axis_index(dim_names) * t.shape[1] if dim_names else 0
+        if row_names:
+            local_r = r - jax.lax.axis_index(row_names) * t.shape[0]
+            mine = (local_r >= 0) & (local_r < t.shape[0])
+            r, w = jnp.where(mine, local_r, 0), jnp.where(mine[..., None], w, 0)
+        sums = _group_sums(t, r, e, w, expansion, first_column, width)
+        return jax.lax.psum(sums, row_names) if row_names else sums
+
+    fn = jax.shard_map(
+        local,
+        in_specs=(PartitionSpec(spec[0], spec[1]), PartitionSpec(), PartitionSpec(),
+                  PartitionSpec()),
+        out_specs=PartitionSpec(None, None, spec[1]))
+    return fn(table, rows, which, weights)
 
 
 def slot_statistics(indices: jax.Array, weights: jax.Array, num_rows: int) -> dict[str, jax.Array]:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mnemax.layers.kernels.embedding_bag.reference import sort_by_row
 from mnemax.layers.kernels.tiling import pow2_block
 
 # Forward: whole rows up to MAX_ROW columns per program, gathered tiles of at most TILE elements,
@@ -152,17 +153,6 @@ def d_weights(table, indices, d_out, *, interpret=False):
     )(indices, d_out, table)
 
 
-def sorted_triples(indices: jax.Array, weights: jax.Array, num_rows: int):
-    """`(rows, tokens, weights)` of `indices/weights [T, K]` stably sorted by row, flat
-    `[T * K]`; a pick of weight 0 gets the sentinel row `num_rows` (sorted last, skipped)."""
-    flat = indices.reshape(-1).astype(jnp.int32)
-    w = weights.reshape(-1)
-    key = jnp.where(w != 0, flat, num_rows)
-    pos = jnp.arange(flat.shape[0], dtype=jnp.int32)
-    rows, pos = jax.lax.sort((key, pos), num_keys=1, is_stable=True)
-    return rows, pos // indices.shape[1], w[pos].astype(jnp.float32)
-
-
 def _segment_kernel(row_ref, seg_ref, pos_ref, w_ref, src_ref, out_in_ref, out_ref, *piece_ref,
                     bd, final):
     """One chunk of sorted `(row, source row, weight)` entries with their run number in the chunk
@@ -246,7 +236,7 @@ def d_table(table, indices, weights, d_out, *, interpret=False):
     """`d_table[r] = sum_{(t, k): indices[t, k] = r} weights[t, k] * d_out[t]`: `[N, d]` in
     table dtype, by levels of the chunked segmented reduction (module docstring)."""
     (n, d), bd = table.shape, pow2_block(table.shape[1], DTABLE_BD)
-    rows, pos, w = sorted_triples(indices, weights, n)
+    rows, pos, w = sort_by_row(indices, weights, n)
     out, src = jnp.zeros((n, d), table.dtype), d_out
     while True:
         out, pieces = _segment_level(rows, pos, w, src, out, bd=bd, interpret=interpret)

@@ -20,7 +20,11 @@ d_table walks the (row, token, weight) triples sorted by row ("arbitrary" grid a
 each block's d_out rows with one semaphore per row (each triple waits only for its own row, so
 the sum runs while later rows arrive), keeps the running row (row pair for bf16) sum in VMEM and
 writes each finished row with an asynchronous DMA into an output aliased to zeros; a step waits
-for its writes only at its end.
+for its writes only at its end. Each step's work is `BE` triples whatever the row counts are (a
+hot row costs what as many cold rows cost; a TensorCore runs the triple axis in order anyway),
+and masked picks (weight 0: padding, other shards' picks under row sharding) carry the sentinel
+row N, sort last, and are skipped: no gather, no add, and whole blocks of them cost one scalar
+read.
 
 SMEM operands are 3-D `[steps, 1, block]` so each block's last two dims equal the array's (a
 rank-1 block would need the chip's tiling, which is unknown when lowering on a CPU host).
@@ -224,7 +228,7 @@ def d_weights(table, indices, d_out, *, interpret=False):
 
 
 def _dtable_kernel(row_ref, tok_ref, w_ref, last_ref, g_hbm, zeros_hbm, out_hbm,
-                   gbuf, acc_ref, obuf, gsem, osem, *, bd, packed_g, packed_out):
+                   gbuf, acc_ref, obuf, gsem, osem, *, bd, n, packed_g, packed_out):
     del zeros_hbm  # aliased to out_hbm: rows that no triple touches stay zero
     be = gbuf.shape[0]
     d0 = pl.multiple_of(pl.program_id(0) * bd, bd)
@@ -246,53 +250,71 @@ def _dtable_kernel(row_ref, tok_ref, w_ref, last_ref, g_hbm, zeros_hbm, out_hbm,
         return pltpu.make_async_copy(obuf.at[pl.ds(j, 1)],
                                      out_words.at[pl.ds(word, 1), pl.ds(d0, bd)], osem.at[0])
 
-    def start(j, carry):
-        gather(j).start()
-        return carry
+    # Sentinel triples (row n: masked picks and padding) sort last: a block that starts with one
+    # has nothing to add, and inside a block they neither gather nor write.
+    @pl.when(row_ref[0, 0] < n)
+    def _():
+        def start(j, carry):
+            @pl.when(row_ref[0, j] < n)
+            def _():
+                gather(j).start()
 
-    jax.lax.fori_loop(0, be, start, 0)
+            return carry
 
-    def entry(j, writes):
-        gather(j).wait()
-        row = row_ref[0, j]
-        half = row % 2 if packed_out else 0
-        g = _unpack(gbuf[pl.ds(j, 1), :], tok_ref[0, j], packed_g)
-        acc_ref[pl.ds(half, 1), :] += w_ref[0, j] * g
-        done = last_ref[0, j] != 0
+        jax.lax.fori_loop(0, be, start, 0)
 
-        @pl.when(done)  # the row's (row pair's) segment ends here: write it once, reset
-        def _():
-            if packed_out:
-                obuf[pl.ds(j, 1), :] = _pack(acc_ref[0:1, :], acc_ref[1:2, :])
-            else:
-                obuf[pl.ds(j, 1), :] = acc_ref[0:1, :].astype(obuf.dtype)
-            write(j, row // 2 if packed_out else row).start()
-            acc_ref[...] = jnp.zeros_like(acc_ref)
+        def entry(j, writes):
+            row = row_ref[0, j]
+            live = row < n
 
-        return writes + done.astype(jnp.int32)
+            @pl.when(live)
+            def _():
+                gather(j).wait()
+                half = row % 2 if packed_out else 0
+                g = _unpack(gbuf[pl.ds(j, 1), :], tok_ref[0, j], packed_g)
+                acc_ref[pl.ds(half, 1), :] += w_ref[0, j] * g
 
-    writes = jax.lax.fori_loop(0, be, entry, 0)
+            done = live & (last_ref[0, j] != 0)
 
-    def wait_write(i, carry):  # writes of equal size share a semaphore: wait as many as started
-        write(0, 0).wait()
-        return carry
+            @pl.when(done)  # the row's (row pair's) segment ends here: write it once, reset
+            def _():
+                if packed_out:
+                    obuf[pl.ds(j, 1), :] = _pack(acc_ref[0:1, :], acc_ref[1:2, :])
+                else:
+                    obuf[pl.ds(j, 1), :] = acc_ref[0:1, :].astype(obuf.dtype)
+                write(j, row // 2 if packed_out else row).start()
+                acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    jax.lax.fori_loop(0, writes, wait_write, 0)
+            return writes + done.astype(jnp.int32)
+
+        writes = jax.lax.fori_loop(0, be, entry, 0)
+
+        def wait_write(i, carry):  # writes of equal size share a semaphore: wait as many
+            write(0, 0).wait()
+            return carry
+
+        jax.lax.fori_loop(0, writes, wait_write, 0)
 
 
 def d_table(table, indices, weights, d_out, *, interpret=False):
-    return d_table_sorted(table, *sort_by_row(indices, weights), d_out, interpret=interpret)
+    return d_table_sorted(table, *sort_by_row(indices, weights, table.shape[0]), d_out,
+                          interpret=interpret)
 
 
 def d_table_sorted(table, srows, stoks, sw, d_out, *, interpret=False):
-    """d_table from the `sort_by_row` triples (the kernel without XLA's sort)."""
+    """d_table from the `sort_by_row` triples with sentinel row N for masked picks (the kernel
+    without XLA's sort)."""
     (n, d), bd = table.shape, pow2_block(table.shape[1], MAX_BD)
     packed_out, packed_g = _packed(table.dtype), _packed(d_out.dtype)
+    pad = -srows.shape[0] % BE  # padding triples are sentinels too
+    srows = jnp.pad(srows, (0, pad), constant_values=n)
+    stoks, sw = jnp.pad(stoks, (0, pad)), jnp.pad(sw, (0, pad))
     seg = srows // 2 if packed_out else srows  # bf16 rows are written in word-sharing pairs
-    last = jnp.append(seg[1:] != seg[:-1], True).astype(jnp.int32)
-    pad = -srows.shape[0] % BE  # padded triples add 0 to an accumulator never written
-    srows, stoks, sw, last = (jnp.pad(a, (0, pad)).reshape(-1, 1, BE)
-                              for a in (srows, stoks, sw, last))
+    # a real segment's last triple: the next triple is another row (pair) or a sentinel (for an
+    # odd n, row n - 1 and the sentinel n share a word pair)
+    nxt_seg, nxt_real = jnp.append(seg[1:], -1), jnp.append(srows[1:] < n, False)
+    last = ((seg != nxt_seg) | ~nxt_real).astype(jnp.int32)
+    srows, stoks, sw, last = (a.reshape(-1, 1, BE) for a in (srows, stoks, sw, last))
     # Compiled, the kernel writes a bf16 output through its word view (no copy). Interpret mode
     # cannot write through a ref bitcast, so there the output is declared as its words and
     # unpacked by `_from_words`, the same map `ref.bitcast` stands for.
@@ -303,7 +325,8 @@ def d_table_sorted(table, srows, stoks, sw, d_out, *, interpret=False):
     smem = pl.BlockSpec((None, 1, BE), lambda j, e: (e, 0, 0), memory_space=pltpu.SMEM)
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
-        functools.partial(_dtable_kernel, bd=bd, packed_g=packed_g, packed_out=packed_out),
+        functools.partial(_dtable_kernel, bd=bd, n=n, packed_g=packed_g,
+                          packed_out=packed_out),
         grid=(d // bd, srows.shape[0]),
         in_specs=[smem, smem, smem, smem, hbm, hbm],
         out_specs=hbm,

@@ -18,12 +18,20 @@ def reference(table: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.A
     return out.astype(table.dtype)
 
 
-def sort_by_row(indices: jax.Array, weights: jax.Array):
-    """Flat `(rows, tokens, weights)` of `indices/weights [T, K]`, stably sorted by row."""
+def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int | None = None):
+    """Flat `(rows, tokens, weights)` of `indices/weights [T, K]`, stably sorted by row.
+
+    With `num_rows`, a pick of weight 0 (padding, or a pick that row sharding gives another
+    shard) gets the sentinel row `num_rows`, which sorts after every real row: the kernels skip
+    it instead of adding `0 * d_out` (NaN where d_out is not finite) into a long row-0 segment.
+    """
     flat = indices.reshape(-1).astype(jnp.int32)
+    w = weights.reshape(-1)
+    if num_rows is not None:
+        flat = jnp.where(w != 0, flat, num_rows)
     pos = jnp.arange(flat.shape[0], dtype=jnp.int32)
     rows, pos = jax.lax.sort((flat, pos), num_keys=1, is_stable=True)
-    return rows, pos // indices.shape[1], weights.reshape(-1)[pos].astype(jnp.float32)
+    return rows, pos // indices.shape[1], w[pos].astype(jnp.float32)
 
 
 def reference_d_weights(table: jax.Array, indices: jax.Array, d_out: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"
 LAYERS = "layers"
 NORM = "norm"
+EXPERT = "expert"  # mixture-of-experts experts (split over the `expert` mesh axis)
 
 # Activation axes.
 ACT_BATCH = "act_batch"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from mnemax.parallel.strategy import MESH_AXES, Strategy, resolve_mesh_shape
+from mnemax.parallel.strategy import MESH_AXES, Strategy, batch_axes_of, resolve_mesh_shape
 
 
 def make_mesh(strategy: Strategy, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -20,6 +20,15 @@ def make_mesh(strategy: Strategy, devices: Sequence[jax.Device] | None = None) -
     )
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Mesh axes the batch is split over (`strategy.batch_axes_of`): data, fsdp and, under
+    expert parallelism, expert."""
+    return batch_axes_of(mesh.shape)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
-    """Number of ways the batch is split (the data and fsdp axes together)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """Number of ways the batch is split (the `batch_axes` together)."""
+    size = 1
+    for axis in batch_axes(mesh):
+        size *= mesh.shape[axis]
+    return size

@@ -15,7 +15,8 @@ LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def logical_axis_rules(strategy: Strategy) -> LogicalRules:
-    """Batch over (data, fsdp) always; at ZeRO stage 3 the `embed` dim of every weight over fsdp.
+    """Batch over (data, fsdp) always, and over expert too under expert parallelism (MoE
+    experts over `expert`); at ZeRO stage 3 the `embed` dim of every weight over fsdp.
 
     Tensor parallelism (Shoeybi et al., "Megatron-LM", 2019) comes from the `tensor` axis:
     attention heads, kv heads and the MLP hidden dimension are split over it (column-parallel
@@ -41,7 +42,9 @@ def logical_axis_rules(strategy: Strategy) -> LogicalRules:
         ("memory_key_dim", None),
         ("memory_rank", None),
         ("memory_expansion", None),
-        (axes.ACT_BATCH, ("data", "fsdp")),
+        (axes.ACT_BATCH, strategy.batch_axes),
+        # MoE experts (expert parallelism); a size-1 expert axis splits nothing.
+        (axes.EXPERT, "expert"),
         (axes.ACT_LENGTH, None),
         (axes.ACT_RESIDUAL_LENGTH, residual_length),
         (axes.ACT_EMBED, None),

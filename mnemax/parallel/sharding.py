@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
-from mnemax.parallel.mesh import data_parallel_size
+from mnemax.parallel.mesh import batch_axes, data_parallel_size
 from mnemax.parallel.rules import LogicalRules
 
 
@@ -62,9 +62,9 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh) -> None:
     if micro % ways:
         raise ConfigError(
             f"micro-batch of {micro} sequences (data.global_batch={global_batch} / run.grad_accum="
-            f"{grad_accum}) is not divisible by the {ways} data-parallel devices (mesh data="
-            f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a batch that is a multiple "
-            f"of {ways * grad_accum} or a different strategy.mesh"
+            f"{grad_accum}) is not divisible by the {ways} data-parallel devices (mesh "
+            f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch_axes(mesh))}); use a batch "
+            f"that is a multiple of {ways * grad_accum} or a different strategy.mesh"
         )
 
 
@@ -82,8 +82,9 @@ def check_zero_stage(zero_stage: int, mesh: Mesh) -> None:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches `[batch, ...]` are split over data and fsdp."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Batches `[batch, ...]` are split over the `batch_axes` (data, fsdp, under expert
+    parallelism expert)."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> tuple[int, int]:

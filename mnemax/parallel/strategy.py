@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 from mnemax.errors import ConfigError, check_choices
@@ -16,7 +17,7 @@ MemorySharding = Literal["dim", "rows", "replicated"]
 MEMORY_SHARDINGS = get_args(MemorySharding)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 REMAT_NAMED = ("save_names", "offload_names")  # `kind:name,name,...` (checkpoint_name tags)
-UNSUPPORTED_AXES = ("expert", "seq")
+UNSUPPORTED_AXES = ("seq",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,9 @@ class Strategy:
     overrides. `mnemax.trainer.recipe.Recipe` holds it as its `strategy` section.
     """
 
-    mesh: str = "data:-1"  # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices
+    # "axis:size,..." (data|fsdp|tensor|expert|seq); -1 = remaining devices. `expert` splits the
+    # MoE experts (expert parallelism) and, for every other layer, the batch like `data`.
+    mesh: str = "data:-1"
     # ZeRO (Rajbhandari et al. 2020) over the data-parallel axes (data x fsdp): 0 replicates
     # params, grads and optimizer state; 1 shards optimizer state; 2 also gradients (reduce-
     # scattered); 3 (FSDP) also parameters, over the fsdp axis.
@@ -49,6 +52,11 @@ class Strategy:
     # Keep the optimizer state in pinned host memory; it is moved to the device for the update.
     offload_optimizer: bool = False
 
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Mesh axes the batch (and ZeRO's data-parallel sharding) is split over."""
+        return batch_axes_of(parse_mesh(self.mesh))
+
     def __post_init__(self) -> None:
         parse_mesh(self.mesh)
         if self.zero_stage not in ZERO_STAGES:
@@ -59,6 +67,14 @@ class Strategy:
             )
         check_choices(self, "strategy")
         parse_remat(self.remat)
+
+
+def batch_axes_of(sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes the batch is split over, given the mesh's axis sizes: data and fsdp, and
+    expert when it has more than one device (expert parallelism: as in MaxText, the expert axis
+    also splits the batch of every layer that is not an expert, so it counts as data parallel
+    for the batch checks and ZeRO)."""
+    return ("data", "fsdp") + (("expert",) if sizes.get("expert", 1) != 1 else ())
 
 
 def parse_remat(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -103,8 +119,8 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for name in UNSUPPORTED_AXES:
         if sizes.get(name, 1) != 1:
             raise ConfigError(
-                f"strategy.mesh={spec!r}: the {name!r} axis is not supported yet (expert and "
-                "context parallelism arrive with later issues); use data, fsdp and tensor "
+                f"strategy.mesh={spec!r}: the {name!r} axis is not supported yet (context "
+                "parallelism arrives with a later issue); use data, fsdp, tensor and expert "
                 "(sequence parallelism: strategy.sequence_parallel=true over the tensor axis)"
             )
     return sizes

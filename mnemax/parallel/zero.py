@@ -1,7 +1,8 @@
 """The ZeRO layout (Rajbhandari et al., "ZeRO", 2020): what each stage splits, and how.
 
 This is the one place that decides it; the trainer, `mnemax show` and `mnemax plan` all ask
-`zero_layout`. With D = the `data` axis and F = the `fsdp` axis (D x F data-parallel devices):
+`zero_layout`. With D = the `data` axis and F = the `fsdp` axis (D x F data-parallel devices;
+under expert parallelism the `expert` axis is data parallel too and joins D):
 
 | stage | parameters             | gradients   | optimizer state |
 |-------|------------------------|-------------|-----------------|
@@ -25,8 +26,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
-
-DATA_PARALLEL_AXES = ("data", "fsdp")
+from mnemax.parallel.strategy import batch_axes_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +89,14 @@ def _spread(leaf: Any, sharding: NamedSharding) -> NamedSharding:
     largest unsharded dimension they divide. A leaf nothing divides is left as it is.
     """
     mesh = sharding.mesh
+    data_parallel = batch_axes_of(mesh.shape)
     spec = [_axes(e) for e in sharding.spec] + [()] * (leaf.ndim - len(sharding.spec))
     used = {a for entry in spec for a in entry}
-    missing = tuple(a for a in DATA_PARALLEL_AXES if a not in used)
+    missing = tuple(a for a in data_parallel if a not in used)
     ways = math.prod(mesh.shape[a] for a in missing)
     if ways == 1:
         return sharding
-    dim = _dimension_for(leaf.shape, spec, missing, mesh.shape)
+    dim = _dimension_for(leaf.shape, spec, missing, mesh.shape, data_parallel)
     if dim is None:
         return sharding
     spec[dim] = spec[dim] + missing
@@ -104,7 +105,8 @@ def _spread(leaf: Any, sharding: NamedSharding) -> NamedSharding:
 
 
 def _dimension_for(shape: tuple[int, ...], spec: list[tuple[str, ...]],
-                   missing: tuple[str, ...], mesh_shape: Any) -> int | None:
+                   missing: tuple[str, ...], mesh_shape: Any,
+                   data_parallel: tuple[str, ...]) -> int | None:
     """The dimension `missing` axes are added to (see `_spread`), or None if none divides."""
 
     def divides(dim: int) -> bool:
@@ -112,7 +114,7 @@ def _dimension_for(shape: tuple[int, ...], spec: list[tuple[str, ...]],
         return shape[dim] % ways == 0
 
     for dim, entry in enumerate(spec):
-        if set(entry) & set(DATA_PARALLEL_AXES) and divides(dim):
+        if set(entry) & set(data_parallel) and divides(dim):
             return dim
     free = [d for d, entry in enumerate(spec) if not entry and divides(d)]
     return max(free, key=lambda d: shape[d]) if free else None

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mnemax.errors import ConfigError
 from mnemax.layers.components.base import MODEL_STATE
 from mnemax.layers.roles import param_roles
-from mnemax.parallel.mesh import make_mesh
+from mnemax.parallel.mesh import batch_axes, make_mesh
 from mnemax.parallel.remat import HOST_MEMORY_KIND, remat_options
 from mnemax.parallel.rules import check_rules_cover, logical_axis_rules
 from mnemax.parallel.sharding import (
@@ -201,7 +201,7 @@ def build_program(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -
     loss_fn = make_loss_fn(model, COMPUTE_DTYPES[recipe.run.compute_dtype],
                            recipe.run.z_loss_weight, rules)
     batch_sh = batch_sharding(mesh)
-    micro_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    micro_sh = NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
     step_fn = make_train_step(loss_fn, tx, schedule, grad_accum=recipe.run.grad_accum,
                               skip_nonfinite=recipe.run.nan_policy == "skip",
                               micro_batch_sharding=micro_sh,

@@ -71,7 +71,7 @@ def test_tensor_degree_that_does_not_divide_kv_heads(small_recipe):
         build_program(small_recipe("strategy.mesh=data:2,tensor:4"))
 
 
-def test_expert_axis_is_refused_with_the_alternative(small_recipe):
-    with pytest.raises(ConfigError, match=r"'expert' axis is not supported yet.*data, fsdp and "
-                                         r"tensor"):
-        build_program(small_recipe("strategy.mesh=data:2,expert:4"))
+def test_seq_axis_is_refused_with_the_alternative(small_recipe):
+    with pytest.raises(ConfigError, match=r"'seq' axis is not supported yet.*data, fsdp, "
+                                          r"tensor and expert"):
+        build_program(small_recipe("strategy.mesh=data:2,seq:4"))

@@ -37,6 +37,7 @@ from mnemax.layers.factored_logits import FactoredLogits
 from mnemax.layers.gated_delta import GatedDeltaConfig
 from mnemax.layers.memory import MemoryConfig
 from mnemax.layers.mlp import swiglu_hidden_dim
+from mnemax.layers.moe import MoEConfig
 from mnemax.layers.norms import RMSNorm
 
 
@@ -62,6 +63,7 @@ class TransformerConfig:
     # `[batch, time, vocab]` logits, so the trainer's loss computes them a chunk at a time.
     factored_logits: bool = False
     memory: MemoryConfig | None = None  # memory layers in the blocks memory.layers; None = dense
+    moe: MoEConfig | None = None  # mixture-of-experts FFN in the blocks moe.layers; None = dense
     # Sequence mixer of each block, repeated over the depth, by registered name: attention |
     # swa (sliding-window attention) | gdn (Gated DeltaNet) | ... () = attention everywhere.
     mixers: tuple[str, ...] = ()
@@ -308,7 +310,9 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: axes.LAYERS},
             )
             x, layer_aux = stack(cfg, block, name="layers")(x, positions)
-            aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), layer_aux)
+            # As combine_layer_aux: losses summed over layers, metrics averaged.
+            aux = {name: jnp.sum(a, axis=0) if name.startswith("loss/") else jnp.mean(a, axis=0)
+                   for name, a in layer_aux.items()}
         else:
             shared = {p.name: make_param(self, p) for p in cfg.shared_params()}
             block_aux = []

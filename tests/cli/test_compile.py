@@ -82,8 +82,10 @@ TINY = sorted(name for name in builtin_names() if name == "tiny" or name.endswit
 def test_train_step_of_every_tiny_recipe_compiles_for_v5e(name):
     # Shrunk as the CPU tests shrink them (the layer types and the step are the recipe's).
     devices = tpu_compile.tpu_topology_devices("v5e:2x2")
-    has_memory = load_recipe(name).model.memory is not None
-    recipe = small_memory_recipe(name) if has_memory else load_recipe(name, SMALL)
+    model = load_recipe(name).model
+    moe = ("model.moe.layers=0,1",) if model.moe is not None else ()  # SMALL has 2 blocks
+    recipe = (small_memory_recipe(name) if model.memory is not None
+              else load_recipe(name, [*SMALL, *moe]))
     compiled = lower_train_step(build_program(recipe, devices)).compile()
     stats = compiled.memory_analysis()
     assert stats.argument_size_in_bytes > 0

@@ -1,5 +1,8 @@
-"""Expert parallelism's token exchange (`exchange_through_experts`) on 8 fake devices equals
-every pair through its expert on one device, forward and gradients, dropless and with drops."""
+"""Expert parallelism on 8 fake devices: the token exchange (`exchange_through_experts`) equals
+every pair through its expert on one device, forward and gradients, dropless and with drops; the
+expert axis splits the batch of the other layers; moe_tiny over expert:4 (with data, and with
+ZeRO-3 in capacity mode) trains as on one device; tensor parallelism is refused; moe_tiny's
+step compiles for TPU with megablox."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,16 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mnemax.errors import ConfigError
+from mnemax.launch import compile as tpu_compile
+from mnemax.layers.kernels.dispatch import TPU_CUSTOM_CALL
 from mnemax.layers.kernels.grouped_matmul import grouped_matmul
 from mnemax.layers.moe.expert_parallel import exchange_through_experts
+from mnemax.recipes.registry import load_recipe
+from mnemax.trainer.memory_report import lower_train_step
+from mnemax.trainer.setup import build_program
+from tests.helpers import SMALL
+from tests.helpers.equivalence import assert_same_run, run_steps, small_run
 
 E, D, F, K = 8, 16, 24, 2
 TOKENS = 40  # 5 per device: tokens split over data x expert
@@ -91,8 +102,6 @@ def test_expert_axis_splits_the_batch_of_other_layers_and_zero():
     an expert (as in MaxText): a dense model on data:2 x expert:4 at ZeRO 1 trains as on one
     device (tolerances: tests/helpers/equivalence.py), its batch is split 8 ways and its Adam
     moments over data x expert."""
-    from tests.helpers.equivalence import assert_same_run, small_run
-
     run = small_run("strategy.mesh=data:2,expert:4", "strategy.zero_stage=1")
     assert_same_run(run, small_run(one_device=True))
     assert run.program.batch_sharding.spec == PartitionSpec(("data", "fsdp", "expert"))
@@ -100,3 +109,51 @@ def test_expert_axis_splits_the_batch_of_other_layers_and_zero():
     moments = [leaf for leaf in jax.tree.leaves(run.state.opt_state) if leaf.shape == q.shape]
     assert len(moments) == 2  # Adam's mu and nu of q, each split 8 ways
     assert all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)
+
+
+# moe_tiny shrunk as the other equivalence tests shrink `tiny` (2 blocks of width 64), its 8
+# experts 96 wide: under expert:4 each device holds 2 of them.
+MOE = ("model.moe.layers=0,1", "model.moe.expert_dim=96")
+
+
+def _moe_run(*overrides: str, one_device: bool = False):
+    recipe = load_recipe("moe_tiny", [*SMALL, *MOE, *overrides])
+    return run_steps(recipe, jax.devices()[:1] if one_device else None)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("strategy.mesh=data:2,expert:4",),
+    ("strategy.mesh=fsdp:2,expert:4", "strategy.zero_stage=3", "model.moe.dispatch=capacity",
+     "model.moe.capacity_factor=1.0"),
+], ids=["dropless-data", "capacity-zero3"])
+def test_moe_model_with_expert_parallelism_equals_one_device(overrides):
+    """moe_tiny with its experts split over expert:4 (tokens exchanged by all-to-all), with data
+    parallelism, and with ZeRO-3 over fsdp in capacity mode (factor 1: pairs are dropped, the
+    same ones as on one device, because the drops are decided over the whole batch): losses,
+    grad norms, gradients and parameters of the one-device run (tolerances:
+    tests/helpers/equivalence.py)."""
+    capacity = tuple(o for o in overrides if o.startswith("model."))
+    run = _moe_run(*overrides)
+    assert_same_run(run, _moe_run(*capacity, one_device=True))
+    gate = run.state.params["layers"]["block"]["moe"]["gate"]  # [layers, expert, embed, mlp]
+    assert gate.addressable_shards[0].data.shape[1] == 2  # 2 of the 8 experts per device
+
+
+def test_moe_under_tensor_parallelism_is_refused_with_the_alternative():
+    with pytest.raises(ConfigError, match=r"tensor parallelism .* not supported.*expert:4"):
+        _moe_run("strategy.mesh=data:4,tensor:2")
+
+
+def test_moe_tiny_step_compiles_for_tpu_with_megablox():
+    """moe_tiny at its own widths (256 -> 384: whole 128-lane tiles) on v5e:2x2 with its experts
+    over expert:2: the train step compiles, and its expert matmuls are megablox calls."""
+    devices = tpu_compile.tpu_topology_devices("v5e:2x2")
+    recipe = load_recipe("moe_tiny", ["strategy.mesh=data:2,expert:2", "data.global_batch=8",
+                                      "model.num_layers=2", "model.moe.layers=0,1"])
+    text = lower_train_step(build_program(recipe, devices)).compile().as_text()
+    kernels = [line.split("=")[0].strip() for line in text.splitlines()
+               if f'custom_call_target="{TPU_CUSTOM_CALL}"' in line]
+    # The scanned blocks share one body: 3 products x (gmm forward, gmm for d_lhs, tgmm for
+    # d_rhs), beside splash attention's kernels.
+    assert sum(k.startswith("%gmm") for k in kernels) == 6, kernels
+    assert sum(k.startswith("%tgmm") for k in kernels) == 3, kernels

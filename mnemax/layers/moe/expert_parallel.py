@@ -27,8 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mnemax.errors import ConfigError
+from mnemax.layers import axes
+from mnemax.layers.kernels.grouped_matmul import grouped_matmul
 
 
 def _axis_size(axis: str | tuple[str, ...]) -> int:
@@ -89,3 +95,80 @@ def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Ar
     y_sorted = returned.at[dest, slot].get(mode="fill", fill_value=0)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return y.reshape(num_tokens, topk, d)
+
+
+def swiglu_experts(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """SwiGLU experts over rows sorted by expert: `(silu(x Wg_e) * x Wu_e) Wd_e` for the rows
+    of group e, each product one `grouped_matmul` (megablox on TPU, `ragged_dot` elsewhere).
+    rows `[M, D]`, group_sizes `[E]`, w_gate / w_up `[E, D, F]`, w_down `[E, F, D]` -> `[M, D]`
+    (rows past `sum(group_sizes)` give zeros)."""
+    def matmul(a, w):
+        return grouped_matmul(a, w, group_sizes, impl=impl)
+
+    return matmul(jax.nn.silu(matmul(rows, w_gate)) * matmul(rows, w_up), w_down)
+
+
+def _experts_here(x: jax.Array, expert_index: jax.Array, keep: jax.Array,
+                  weights: tuple[jax.Array, jax.Array, jax.Array], impl: str) -> jax.Array:
+    """Every kept pair through its expert, all experts on this device: `[T, k, D]`."""
+    num_experts = weights[0].shape[0]
+    num_tokens, topk = expert_index.shape
+    flat = jnp.where(keep.reshape(-1), expert_index.reshape(-1), num_experts)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    out = swiglu_experts(x[order // topk], group_sizes, *weights, impl=impl)
+    y = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
+    return y.reshape(num_tokens, topk, x.shape[-1])
+
+
+def run_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Array, w_gate: jax.Array,
+                w_up: jax.Array, w_down: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """Each kept (token, slot) pair through its SwiGLU expert -> `[T, k, D]` (dropped pairs:
+    zeros), laid out by the logical rules in context.
+
+    x `[T, D]`, expert_index / keep `[T, k]`, experts as `swiglu_experts`. Without a mesh, or
+    with one, the work runs per device inside `shard_map` (the grouped matmul is a Pallas
+    kernel on TPU): the tokens split as the batch is (`act_batch`), and the experts split over
+    the mesh axes of the `expert` logical axis (expert parallelism: `exchange_through_experts`)
+    or, without it, whole on every device (under ZeRO-3 gathered as any FSDP weight is).
+    """
+    weights = (w_gate, w_up, w_down)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return _experts_here(x, expert_index, keep, weights, impl)
+    token_shards, expert_shards, mlp_shards = axes.shard_counts(
+        (axes.ACT_BATCH, axes.EXPERT, axes.MLP))
+    if mlp_shards > 1:
+        raise ConfigError(
+            f"model.moe under tensor parallelism (expert width split {mlp_shards} ways over the "
+            "tensor mesh axis) is not supported: split MoE models with strategy.mesh axes "
+            "data, fsdp and expert (expert parallelism), e.g. data:2,expert:4")
+    token_axes, expert_axes = nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.EXPERT))
+    num_tokens = x.shape[0]
+    pad = -num_tokens % token_shards
+    if pad:  # a batch too small to split evenly (one sequence at init): dropped pairs
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        expert_index = jnp.pad(expert_index, ((0, pad), (0, 0)))
+        keep = jnp.pad(keep, ((0, pad), (0, 0)))
+    tokens = PartitionSpec(token_axes)
+    if expert_shards > 1:
+        num_experts = w_gate.shape[0]
+
+        def local(x, index, keep, *weights):
+            def experts(rows, group_sizes):
+                return swiglu_experts(rows, group_sizes, *weights, impl=impl)
+
+            return exchange_through_experts(x, index, keep, experts, num_experts=num_experts,
+                                            axis=expert_axes)
+
+        expert_spec = PartitionSpec(expert_axes)
+    else:
+        def local(x, index, keep, *weights):
+            return _experts_here(x, index, keep, weights, impl)
+
+        expert_spec = PartitionSpec()
+    fn = jax.shard_map(local, in_specs=(tokens, tokens, tokens, *(expert_spec,) * 3),
+                       out_specs=tokens,
+                       check_vma=False)  # the Pallas kernel's outputs carry no varying axes
+    return fn(x, expert_index, keep, *weights)[:num_tokens]

@@ -16,6 +16,7 @@ inside `shard_map` (the MoE dispatch does).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -93,6 +94,10 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         raise ConfigError(f"grouped_matmul: group_sizes {group_sizes.shape} must be [E] with "
                           f"E = {rhs.shape[0]} groups (rhs {rhs.shape}).")
     supported = megablox_supported(lhs.shape[1], rhs.shape[2])
+    if not supported and impl == "auto":
+        warnings.warn(f"grouped_matmul: widths {lhs.shape[1]} -> {rhs.shape[2]} are not multiples "
+                      f"of {LANE}, which megablox needs; on TPU these experts run "
+                      "jax.lax.ragged_dot.", stacklevel=2)
     tpu, tpu_interpret = _kernels() if supported else (None, None)
     fn = dispatch.select(impl, reference=reference, gpu=None, tpu=tpu, gpu_interpret=None,
                          tpu_interpret=tpu_interpret, auto_platforms=AUTO_PLATFORMS,

@@ -377,3 +377,12 @@ def test_bad_config_is_a_config_error(override, message):
         load_recipe("moe_tiny", [*SMALL, "model.moe.layers=0,1", override]).model.build()
     with pytest.raises(ConfigError, match=r"model\.moe\.router='x' is unknown"):
         MoEConfig(router="x")
+
+
+def test_moe_8x_1b_matches_memory_plus_1b_in_total_and_active_size():
+    """The memory-vs-MoE comparison needs equal total parameters and equal active compute
+    (issue 14: within 10%); measured 3.121B vs 3.148B and 6.04 vs 6.01 GFLOP per token."""
+    moe, memory = (load_recipe(name).model for name in ("moe_8x_1b", "memory_plus_1b"))
+    assert moe.param_count() == pytest.approx(memory.param_count(), rel=0.10)
+    assert moe.flops_per_token(2048) == pytest.approx(memory.flops_per_token(2048), rel=0.10)
+    assert moe.param_count() > 2.5 * moe.flops_per_token(2048) / 6  # sparse: total >> active

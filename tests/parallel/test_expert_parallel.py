@@ -1,8 +1,8 @@
 """Expert parallelism on 8 fake devices: the token exchange (`exchange_through_experts`) equals
-every pair through its expert on one device, forward and gradients, dropless and with drops; the
-expert axis splits the batch of the other layers; moe_tiny over expert:4 (with data, and with
-ZeRO-3 in capacity mode) trains as on one device; tensor parallelism is refused; moe_tiny's
-step compiles for TPU with megablox."""
+every pair through its expert on one device, forward and gradients, dropless and with drops;
+moe_tiny over expert:4 with ZeRO-3 over fsdp trains as on one device, the expert axis splitting
+the other layers' batch; tensor parallelism is refused; moe_tiny's step compiles for TPU with
+megablox."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.memory_report import lower_train_step
 from mnemax.trainer.setup import build_program
 from tests.helpers import SMALL
-from tests.helpers.equivalence import assert_same_run, run_steps, small_run
+from tests.helpers.equivalence import assert_same_run, run_steps
 
 E, D, F, K = 8, 16, 24, 2
 TOKENS = 40  # 5 per device: tokens split over data x expert
@@ -97,20 +97,6 @@ def test_exchange_equals_one_device(dropped):
                                    atol=1e-5 * float(np.abs(w).max()), err_msg=name)
 
 
-def test_expert_axis_splits_the_batch_of_other_layers_and_zero():
-    """Under expert parallelism the `expert` axis is data parallel for every layer that is not
-    an expert (as in MaxText): a dense model on data:2 x expert:4 at ZeRO 1 trains as on one
-    device (tolerances: tests/helpers/equivalence.py), its batch is split 8 ways and its Adam
-    moments over data x expert."""
-    run = small_run("strategy.mesh=data:2,expert:4", "strategy.zero_stage=1")
-    assert_same_run(run, small_run(one_device=True))
-    assert run.program.batch_sharding.spec == PartitionSpec(("data", "fsdp", "expert"))
-    q = run.state.params["layers"]["block"]["attn"]["q"]
-    moments = [leaf for leaf in jax.tree.leaves(run.state.opt_state) if leaf.shape == q.shape]
-    assert len(moments) == 2  # Adam's mu and nu of q, each split 8 ways
-    assert all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)
-
-
 # moe_tiny shrunk as the other equivalence tests shrink `tiny` (2 blocks of width 64), its 8
 # experts 96 wide: under expert:4 each device holds 2 of them.
 MOE = ("model.moe.layers=0,1", "model.moe.expert_dim=96")
@@ -121,22 +107,21 @@ def _moe_run(*overrides: str, one_device: bool = False):
     return run_steps(recipe, jax.devices()[:1] if one_device else None)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("strategy.mesh=data:2,expert:4",),
-    ("strategy.mesh=fsdp:2,expert:4", "strategy.zero_stage=3", "model.moe.dispatch=capacity",
-     "model.moe.capacity_factor=1.0"),
-], ids=["dropless-data", "capacity-zero3"])
-def test_moe_model_with_expert_parallelism_equals_one_device(overrides):
-    """moe_tiny with its experts split over expert:4 (tokens exchanged by all-to-all), with data
-    parallelism, and with ZeRO-3 over fsdp in capacity mode (factor 1: pairs are dropped, the
-    same ones as on one device, because the drops are decided over the whole batch): losses,
-    grad norms, gradients and parameters of the one-device run (tolerances:
-    tests/helpers/equivalence.py)."""
-    capacity = tuple(o for o in overrides if o.startswith("model."))
-    run = _moe_run(*overrides)
-    assert_same_run(run, _moe_run(*capacity, one_device=True))
-    gate = run.state.params["layers"]["block"]["moe"]["gate"]  # [layers, expert, embed, mlp]
-    assert gate.addressable_shards[0].data.shape[1] == 2  # 2 of the 8 experts per device
+def test_moe_model_with_expert_parallelism_and_zero3_equals_one_device():
+    """moe_tiny with its experts split over expert:4 (tokens exchanged by all-to-all) and ZeRO-3
+    over fsdp:2: losses, grad norms, gradients and parameters of the one-device run
+    (tolerances: tests/helpers/equivalence.py). The expert axis is data parallel for the other
+    layers (as in MaxText): the batch is split over fsdp x expert, and their Adam moments over
+    the 8 devices. (Capacity drops under expert parallelism go through the same exchange:
+    `test_exchange_equals_one_device[with-drops]`.)"""
+    run = _moe_run("strategy.mesh=fsdp:2,expert:4", "strategy.zero_stage=3")
+    assert_same_run(run, _moe_run(one_device=True))
+    block = run.state.params["layers"]["block"]
+    assert block["moe"]["gate"].addressable_shards[0].data.shape[1] == 2  # 2 of 8 experts each
+    assert run.program.batch_sharding.spec == PartitionSpec(("data", "fsdp", "expert"))
+    q = block["attn"]["q"]
+    moments = [leaf for leaf in jax.tree.leaves(run.state.opt_state) if leaf.shape == q.shape]
+    assert moments and all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)
 
 
 def test_moe_under_tensor_parallelism_is_refused_with_the_alternative():

@@ -62,3 +62,12 @@ def check_choices(config: object, path: str) -> None:
         for item in value if is_tuple else (value,):
             if item not in choices:
                 raise unknown_choice(f"{path}.{name}", item, choices)
+
+
+def check_block_indices(path: str, layers: tuple[int, ...], num_layers: int) -> None:
+    """Raises ConfigError if `layers` (the blocks a component sits in, the recipe key
+    `{path}.layers`) names a block outside a model of `num_layers` blocks."""
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{path}.layers={layers} names blocks {bad} outside the "
+                          f"model's {num_layers} layers")

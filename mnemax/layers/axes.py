@@ -28,6 +28,11 @@ ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
 
+def mesh_axis_names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes one `PartitionSpec` entry names (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def shard_counts(logical: tuple[str | None, ...]) -> tuple[int, ...]:
     """How many ways each axis of an array with these logical axes is split: the product of
     the mesh axes the active logical rules map it to (1 for each axis outside a mesh)."""
@@ -41,6 +46,5 @@ def shard_counts(logical: tuple[str | None, ...]) -> tuple[int, ...]:
         return (1,) * len(logical)
     counts = []
     for entry in nn.logical_to_mesh_axes(logical):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        counts.append(math.prod(mesh.shape[n] for n in names))
+        counts.append(math.prod(mesh.shape[n] for n in mesh_axis_names(entry)))
     return tuple(counts)

@@ -26,6 +26,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mnemax.errors import ConfigError
+from mnemax.layers.axes import mesh_axis_names
 from mnemax.parallel.strategy import batch_axes_of
 
 
@@ -70,13 +71,6 @@ def spread_over_data_parallel(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(_spread, abstract_tree, shardings)
 
 
-def _axes(entry: Any) -> tuple[str, ...]:
-    """The mesh axes of one `PartitionSpec` entry (None, a name or a tuple of names)."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _spread(leaf: Any, sharding: NamedSharding) -> NamedSharding:
     """`sharding` with the data-parallel axes it does not use yet added to one dimension.
 
@@ -90,7 +84,7 @@ def _spread(leaf: Any, sharding: NamedSharding) -> NamedSharding:
     """
     mesh = sharding.mesh
     data_parallel = batch_axes_of(mesh.shape)
-    spec = [_axes(e) for e in sharding.spec] + [()] * (leaf.ndim - len(sharding.spec))
+    spec = [mesh_axis_names(e) for e in sharding.spec] + [()] * (leaf.ndim - len(sharding.spec))
     used = {a for entry in spec for a in entry}
     missing = tuple(a for a in data_parallel if a not in used)
     ways = math.prod(mesh.shape[a] for a in missing)

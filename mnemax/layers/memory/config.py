@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal, get_args
 
-from mnemax.errors import ConfigError, check_choices
+from mnemax.errors import ConfigError, check_block_indices, check_choices
 from mnemax.layers.kernels.dispatch import Impl
 
 MemoryVariant = Literal["pkm", "memory_plus", "ultramem", "peer"]
@@ -127,10 +127,7 @@ class MemoryConfig:
         if self.variant == "peer" and self.value_expansion != 1:
             raise ConfigError(f"{PATH}.variant=peer reads whole experts: set "
                               f"{PATH}.value_expansion=1")
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ConfigError(f"{PATH}.layers={self.layers} names blocks {bad} outside the "
-                              f"model's {num_layers} layers")
+        check_block_indices(PATH, self.layers, num_layers)
         self._validate_tucker(d_model)
         self._validate_peer_and_init()
 

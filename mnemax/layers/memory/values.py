@@ -107,11 +107,6 @@ def _read_replicated_table(table: jax.Array, indices: jax.Array, weights: jax.Ar
     return out[:tokens] if pad else out
 
 
-def _axis_names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    """A PartitionSpec entry as a tuple of mesh axis names."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def expert_activations(table: jax.Array, indices: jax.Array, x: jax.Array, *,
                        impl: str = "auto") -> jax.Array:
     """PEER's down read: `act[t, j] = table[indices[t, j]] . x[t]`.
@@ -130,7 +125,7 @@ def expert_activations(table: jax.Array, indices: jax.Array, x: jax.Array, *,
     if spec is None:
         return _replicated_expert_activations(table, indices, x, impl=impl)
     row_axes, dim_axes = spec[0], spec[1]
-    rows_names, dim_names = _axis_names(row_axes), _axis_names(dim_axes)
+    rows_names, dim_names = axes.mesh_axis_names(row_axes), axes.mesh_axis_names(dim_axes)
 
     def local(t, i, v):
         if rows_names:
@@ -276,7 +271,7 @@ def _grouped_rows(table: jax.Array, rows: jax.Array, which: jax.Array, weights: 
             lambda t, r, e, w: _group_sums(t, r, e, w, expansion, 0, width),
             in_specs=(PartitionSpec(), split, split, split), out_specs=split)
         return fn(table, rows, which, weights)[:tokens]
-    row_names, dim_names = _axis_names(spec[0]), _axis_names(spec[1])
+    row_names, dim_names = axes.mesh_axis_names(spec[0]), axes.mesh_axis_names(spec[1])
 
     def local(t, r, e, w):
         first_column = jax.lax.axis_index(dim_names) * t.shape[1] if dim_names else 0

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from mnemax.errors import ConfigError, check_choices
+from mnemax.errors import ConfigError, check_block_indices, check_choices
 from mnemax.layers.kernels.dispatch import Impl
 
 RouterKind = Literal["softmax", "sigmoid"]
@@ -109,7 +109,4 @@ class MoEConfig:
         if self.mode == "parallel" and self.ffn_ratio <= 0:
             raise ConfigError(f"{PATH}.ffn_ratio={self.ffn_ratio} must be > 0 in parallel mode "
                               f"(or set {PATH}.mode=replace)")
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ConfigError(f"{PATH}.layers={self.layers} names blocks {bad} outside the "
-                              f"model's {num_layers} layers")
+        check_block_indices(PATH, self.layers, num_layers)

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 
 def sort_by_expert(expert_index: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """`expert_index` [N] -> (order [N]: a stable sort of the entries by expert, group_sizes
-    [E] int32: entries per expert)."""
+    [E] int32: entries per expert). Entries equal to `num_experts` (a dropped pair's sentinel)
+    sort last and count in no group."""
     order = jnp.argsort(expert_index, stable=True)
-    group_sizes = jnp.bincount(expert_index, length=num_experts).astype(jnp.int32)
-    return order, group_sizes
+    counts = jnp.bincount(expert_index, length=num_experts + 1)
+    return order, counts[:num_experts].astype(jnp.int32)
 
 
 def capacity_positions(expert_index: jax.Array, num_experts: int,

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec
 from mnemax.errors import ConfigError
 from mnemax.layers import axes
 from mnemax.layers.kernels.grouped_matmul import grouped_matmul
+from mnemax.layers.moe.dispatch import sort_by_expert
 
 
 def _axis_size(axis: str | tuple[str, ...]) -> int:
@@ -66,8 +67,7 @@ def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Ar
     flat = expert_index.reshape(-1).astype(jnp.int32)
     # Dropped pairs get the sentinel id `num_experts`: sorted last, counted nowhere, never sent.
     flat = jnp.where(keep.reshape(-1), flat, num_experts)
-    order = jnp.argsort(flat, stable=True)
-    counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    order, counts = sort_by_expert(flat, num_experts)
     per_device = counts.reshape(n, local_experts)  # [n, E_loc] pairs sent per local expert
     sent = jnp.sum(per_device, axis=1)  # [n]
     device_start = jnp.cumsum(sent) - sent
@@ -115,8 +115,7 @@ def _experts_here(x: jax.Array, expert_index: jax.Array, keep: jax.Array,
     num_experts = weights[0].shape[0]
     num_tokens, topk = expert_index.shape
     flat = jnp.where(keep.reshape(-1), expert_index.reshape(-1), num_experts)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    order, group_sizes = sort_by_expert(flat, num_experts)
     out = swiglu_experts(x[order // topk], group_sizes, *weights, impl=impl)
     y = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     return y.reshape(num_tokens, topk, x.shape[-1])

@@ -25,6 +25,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec
 
+from mnemax.layers import axes
+
 LANES = 128  # the kernel's kv blocks are multiples of the TPU's 128 lanes
 BLOCK_SIZES = (512, 256, LANES)  # tried largest first; 512 is MaxText's default
 
@@ -36,11 +38,8 @@ def block_size(seq_len: int) -> int | None:
 
 def shard_count(spec_entry: str | tuple[str, ...] | None) -> int:
     """Devices an axis is split over: the product of the mesh axes a PartitionSpec entry names."""
-    if spec_entry is None:
-        return 1
-    names = (spec_entry,) if isinstance(spec_entry, str) else spec_entry
     shape = jax.sharding.get_abstract_mesh().shape
-    return math.prod(shape[n] for n in names)
+    return math.prod(shape[n] for n in axes.mesh_axis_names(spec_entry))
 
 
 def unsupported_reason(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], block: int | None,

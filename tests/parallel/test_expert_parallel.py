@@ -4,6 +4,8 @@ moe_tiny over expert:4 with ZeRO-3 over fsdp trains as on one device, the expert
 the other layers' batch; tensor parallelism is refused; moe_tiny's step compiles for TPU with
 megablox."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from mnemax.errors import ConfigError
 from mnemax.launch import compile as tpu_compile
 from mnemax.layers.kernels.dispatch import TPU_CUSTOM_CALL
 from mnemax.layers.kernels.grouped_matmul import grouped_matmul
+from mnemax.layers.moe import expert_parallel
 from mnemax.layers.moe.expert_parallel import exchange_through_experts
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.memory_report import lower_train_step
@@ -54,10 +57,41 @@ def _float64(x, index, keep, w_gate, w_up, w_down):
     return y
 
 
-@pytest.mark.parametrize("dropped", [False, True], ids=["dropless", "with-drops"])
-def test_exchange_equals_one_device(dropped):
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` as its docstring defines it, from `all_gather` (XLA:CPU has
+    no ragged collective): every slice l of every source s whose destination is this device is
+    written at the offset the source gave. Its transpose comes from autodiff."""
+    n = jax.lax.axis_size(axis_name)
+    me = jax.lax.axis_index(axis_name)
+    gathered = [jax.lax.all_gather(a, axis_name) for a in
+                (operand, input_offsets, send_sizes, output_offsets)]
+    operands, starts, sizes, landings = gathered
+    per_device = input_offsets.shape[0] // n
+    # The sizes a receiver is told must be what its sources send (the collective's contract).
+    told = jax.lax.all_to_all(recv_sizes, axis_name, 0, 0, tiled=True)
+    output = output + 0 * jnp.sum(told - send_sizes)  # ties the check into the program
+    row = jnp.arange(operand.shape[0])
+    # inside[s, l, m]: row m of source s is in its slice l; slices of one source are disjoint.
+    inside = ((row >= starts[..., None]) & (row < (starts + sizes)[..., None])
+              & (jnp.arange(input_offsets.shape[0]) // per_device == me)[None, :, None])
+    shift = jnp.sum(jnp.where(inside, (landings - starts)[..., None], 0), axis=1)  # [n, M]
+    target = jnp.where(jnp.any(inside, axis=1), row + shift, output.shape[0])
+    output = output.at[target.reshape(-1)].set(operands.reshape(-1, operand.shape[-1]),
+                                               mode="drop")
+    return output
+
+
+@pytest.mark.parametrize(("exchange", "dropped"), [("padded", False), ("padded", True),
+                                                   ("ragged", True)],
+                         ids=["padded-dropless", "padded-with-drops", "ragged-with-drops"])
+def test_exchange_equals_one_device(exchange, dropped, monkeypatch):
     """Tolerance: fp32 products of <= 24 terms, two layers: ~1e-6 relative; a pair sent to the
-    wrong device, read from the wrong slot, or a gradient not returned is off by O(0.1)."""
+    wrong device, read from the wrong slot, or a gradient not returned is off by O(0.1). The
+    ragged exchange runs its index arithmetic with an emulated collective (the real one is
+    checked by the TPU compile below)."""
+    monkeypatch.setattr(expert_parallel, "_ragged_exchange", functools.partial(
+        expert_parallel._ragged_exchange, ragged_all_to_all=_emulated_ragged_all_to_all))
     x, index, (w_gate, w_up, w_down), probe = _inputs()
     keep = np.ones((TOKENS, K), bool)
     if dropped:
@@ -68,7 +102,8 @@ def test_exchange_equals_one_device(dropped):
 
     def local(x, index, keep, w_gate, w_up, w_down):
         fn = lambda rows, sizes: _swiglu_rows(rows, sizes, w_gate, w_up, w_down)
-        return exchange_through_experts(x, index, keep, fn, num_experts=E, axis="expert")
+        return exchange_through_experts(x, index, keep, fn, num_experts=E, axis="expert",
+                                        exchange=exchange)
 
     def loss_and_out(x, w_gate, w_up, w_down):
         y = jax.shard_map(local, mesh=mesh,
@@ -107,14 +142,23 @@ def _moe_run(*overrides: str, one_device: bool = False):
     return run_steps(recipe, jax.devices()[:1] if one_device else None)
 
 
-def test_moe_model_with_expert_parallelism_and_zero3_equals_one_device():
+def test_moe_model_with_expert_parallelism_and_zero3_equals_one_device(monkeypatch):
     """moe_tiny with its experts split over expert:4 (tokens exchanged by all-to-all) and ZeRO-3
     over fsdp:2: losses, grad norms, gradients and parameters of the one-device run
     (tolerances: tests/helpers/equivalence.py). The expert axis is data parallel for the other
     layers (as in MaxText): the batch is split over fsdp x expert, and their Adam moments over
     the 8 devices. (Capacity drops under expert parallelism go through the same exchange:
     `test_exchange_equals_one_device[with-drops]`.)"""
+    exchanges = []  # the experts' work must go through the exchange, not gathered weights
+
+    def exchange(*args, **kwargs):
+        exchanges.append(kwargs["axis"])
+        return exchange_through_experts(*args, **kwargs)
+
+    monkeypatch.setattr(expert_parallel, "exchange_through_experts", exchange)
     run = _moe_run("strategy.mesh=fsdp:2,expert:4", "strategy.zero_stage=3")
+    assert exchanges and set(exchanges) == {"expert"}
+    monkeypatch.undo()
     assert_same_run(run, _moe_run(one_device=True))
     block = run.state.params["layers"]["block"]
     assert block["moe"]["gate"].addressable_shards[0].data.shape[1] == 2  # 2 of 8 experts each
@@ -131,7 +175,9 @@ def test_moe_under_tensor_parallelism_is_refused_with_the_alternative():
 
 def test_moe_tiny_step_compiles_for_tpu_with_megablox():
     """moe_tiny at its own widths (256 -> 384: whole 128-lane tiles) on v5e:2x2 with its experts
-    over expert:2: the train step compiles, and its expert matmuls are megablox calls."""
+    over expert:2: the train step compiles, its expert matmuls are megablox calls and its token
+    exchange is `ragged_all_to_all` (4 per scanned body: there and back, and both again in the
+    backward pass), with no padded `all-to-all` of token rows left."""
     devices = tpu_compile.tpu_topology_devices("v5e:2x2")
     recipe = load_recipe("moe_tiny", ["strategy.mesh=data:2,expert:2", "data.global_batch=8",
                                       "model.num_layers=2", "model.moe.layers=0,1"])
@@ -142,3 +188,10 @@ def test_moe_tiny_step_compiles_for_tpu_with_megablox():
     # d_rhs), beside splash attention's kernels.
     assert sum(k.startswith("%gmm") for k in kernels) == 6, kernels
     assert sum(k.startswith("%tgmm") for k in kernels) == 3, kernels
+    lines = text.splitlines()
+    # jax 0.10's libtpu leaves one op, jax 0.12's a start/done pair.
+    ragged = [line for line in lines if " ragged-all-to-all(" in line
+              or " ragged-all-to-all-start(" in line]
+    assert len(ragged) == 4, ragged
+    padded = [line for line in lines if " all-to-all(" in line and "s32[" not in line]
+    assert not padded, padded

@@ -14,18 +14,24 @@ contiguous blocks of E_loc = E / n), every device starts with its own tokens `[T
 4. the outputs go back into their received slots, a second `all_to_all` returns them, and each
    pair reads its row from the slot it was sent from.
 
-Fixed shapes: XLA:CPU has no `ragged_all_to_all`, so the exchange is a padded `all_to_all`
-whose block holds `S = T k` rows (every pair of a device could go to one device: dropless needs
-that bound; rows past a block's count are zeros, skipped by the grouped matmul). A pair that is
-not kept (capacity mode's drops) is not sent and reads zeros. Gradients flow through both
-exchanges (`all_to_all` transposes to the reverse exchange) and the gathers and scatters.
+Two exchanges (`exchange`): on TPU `ragged_all_to_all`, which moves only the kept rows, one
+slice per (device, local expert) written where that expert's group starts on the receiver, so
+rows arrive sorted (as MaxText's `ragged_all_to_all` path); elsewhere (XLA:CPU has no ragged
+collective; GPU pending a measurement) a padded `all_to_all` whose blocks hold `S = T k` rows
+(every pair of a device could go to one device: dropless needs that bound; rows past a block's
+count are zeros, skipped by the grouped matmul). Either way the receive buffer holds the
+dropless bound n T k rows. A pair that is not kept (capacity mode's drops) is not sent and
+reads zeros. Gradients flow through both exchanges (each transposes to the reverse exchange)
+and the gathers and scatters.
 GShard (Lepikhin et al. 2020) and MegaBlocks (Gale et al. 2023) describe the scheme; MaxText's
 `moe.py` (its `ragged_all_to_all` path) and torchtitan's expert parallel do the same exchange.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -47,34 +53,32 @@ def _axis_size(axis: str | tuple[str, ...]) -> int:
     return size
 
 
-def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Array,
-                             expert_fn: Callable[[jax.Array, jax.Array], jax.Array], *,
-                             num_experts: int, axis: str | tuple[str, ...]) -> jax.Array:
-    """Each kept (token, slot) pair through its expert on the device that holds it.
+Exchange = Literal["auto", "padded", "ragged"]
 
-    Called inside `shard_map` with `axis` the mesh axis (or axes) the experts are split over.
-    x `[T, D]` this device's tokens; expert_index `[T, k]` int global expert ids; keep `[T, k]`
-    bool (False: the pair is dropped and gets zeros); `expert_fn(rows [M, D], group_sizes
-    [E_loc]) -> [M, D]` applies this device's experts to rows sorted by local expert (rows past
-    `sum(group_sizes)` must come out as zeros). Returns `[T, k, D]`, each pair's unweighted
-    expert output.
-    """
-    n = _axis_size(axis)
-    local_experts = num_experts // n
+
+def _sorted_pairs(x: jax.Array, expert_index: jax.Array, keep: jax.Array, num_experts: int,
+                  n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """This device's kept pairs sorted by global expert (so by destination device, then local
+    expert): (order [P], rows [P, D] in that order, counts [n, E_loc] pairs per (device, local
+    expert)). Dropped pairs get the sentinel id `num_experts`: sorted last, counted nowhere."""
+    topk = expert_index.shape[1]
+    flat = jnp.where(keep.reshape(-1), expert_index.reshape(-1).astype(jnp.int32), num_experts)
+    order, counts = sort_by_expert(flat, num_experts)
+    return order, x[order // topk], counts.reshape(n, num_experts // n)
+
+
+def _padded_exchange(x, expert_index, keep, expert_fn, num_experts, axis, n):
+    """Steps 1-4 with `all_to_all` of `[n, S, D]` blocks, S = T k (see the module docstring)."""
     num_tokens, topk = expert_index.shape
     d = x.shape[-1]
     pairs = num_tokens * topk
-    flat = expert_index.reshape(-1).astype(jnp.int32)
-    # Dropped pairs get the sentinel id `num_experts`: sorted last, counted nowhere, never sent.
-    flat = jnp.where(keep.reshape(-1), flat, num_experts)
-    order, counts = sort_by_expert(flat, num_experts)
-    per_device = counts.reshape(n, local_experts)  # [n, E_loc] pairs sent per local expert
+    order, rows, per_device = _sorted_pairs(x, expert_index, keep, num_experts, n)
     sent = jnp.sum(per_device, axis=1)  # [n]
     device_start = jnp.cumsum(sent) - sent
-    sorted_ids = flat[order]
-    dest = jnp.minimum(sorted_ids // local_experts, n)  # n: dropped
-    slot = jnp.arange(pairs, dtype=jnp.int32) - device_start[jnp.minimum(dest, n - 1)]
-    rows = x[order // topk]  # pair p = t k + j belongs to token p // k
+    position = jnp.arange(pairs, dtype=jnp.int32)
+    # Destination of each sorted pair (n: dropped, past every device's block).
+    dest = jnp.sum(position[:, None] >= jnp.cumsum(sent)[None, :], axis=1)
+    slot = position - device_start[jnp.minimum(dest, n - 1)]
     send = jnp.zeros((n, pairs, d), x.dtype).at[dest, slot].set(rows, mode="drop",
                                                                unique_indices=True)
     received = jax.lax.all_to_all(send, axis, 0, 0, tiled=False)  # [n, S, D] by source
@@ -82,10 +86,8 @@ def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Ar
 
     # Local expert of every received row; rows past a block's count get E_loc (sorted last).
     block_end = jnp.cumsum(received_counts, axis=1)  # [n, E_loc]
-    position = jnp.arange(pairs, dtype=jnp.int32)
     local = jnp.sum(position[None, :, None] >= block_end[:, None, :], axis=-1)  # [n, S]
-    local = local.reshape(-1)
-    local_order = jnp.argsort(local, stable=True)
+    local_order = jnp.argsort(local.reshape(-1), stable=True)
     group_sizes = jnp.sum(received_counts, axis=0).astype(jnp.int32)  # [E_loc]
     out_sorted = expert_fn(received.reshape(n * pairs, d)[local_order], group_sizes)
     out = jnp.zeros_like(out_sorted).at[local_order].set(out_sorted, unique_indices=True)
@@ -95,6 +97,79 @@ def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Ar
     y_sorted = returned.at[dest, slot].get(mode="fill", fill_value=0)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return y.reshape(num_tokens, topk, d)
+
+
+def _ragged_exchange(x, expert_index, keep, expert_fn, num_experts, axis, n,
+                     ragged_all_to_all=jax.lax.ragged_all_to_all):
+    """Steps 1-4 with `ragged_all_to_all`: only the kept pairs travel, one slice per
+    (destination device, local expert), each written on its receiver where that expert's group
+    starts plus what earlier sources sent it, so the received rows arrive sorted by local
+    expert (no sort on the receiving side). The receive buffer still holds the dropless bound
+    n T k rows. `ragged_all_to_all` is a parameter so tests can put an emulation in its place
+    (XLA:CPU does not implement the collective)."""
+    local_experts = num_experts // n
+    num_tokens, topk = expert_index.shape
+    d = x.shape[-1]
+    pairs = num_tokens * topk
+    me = jax.lax.axis_index(axis)
+    order, rows, per_device = _sorted_pairs(x, expert_index, keep, num_experts, n)
+    # counts[s, j, e]: pairs device s sends to local expert e of device j (every device's).
+    counts = jax.lax.all_gather(per_device, axis, axis=0, tiled=False)  # [n, n, E_loc]
+    group_sizes_all = jnp.sum(counts, axis=0)  # [n, E_loc] rows each device's experts get
+    group_start = jnp.cumsum(group_sizes_all, axis=1) - group_sizes_all
+    # earlier[s, j, e]: what sources before s send to (j, e); where s's slice lands on j.
+    earlier = jnp.cumsum(counts, axis=0) - counts
+    landing = group_start[None] + earlier  # [n_src, n_dst, E_loc]
+    # Each device's slices, in its sorted order: (destination j, local expert e) row-major.
+    flat_counts = counts.reshape(n, n * local_experts)
+    send_start = (jnp.cumsum(flat_counts, axis=1) - flat_counts).reshape(n, n, local_experts)
+
+    send_sizes = per_device.reshape(-1)
+    input_offsets = send_start[me].reshape(-1)
+    output_offsets = landing[me].reshape(-1)
+    recv_sizes = counts[:, me].reshape(-1)  # slices from source s, local expert e
+    buffer = jnp.zeros((n * pairs, d), x.dtype)
+    received = ragged_all_to_all(rows, buffer, input_offsets, send_sizes, output_offsets,
+                                 recv_sizes, axis_name=axis)
+    out = expert_fn(received, group_sizes_all[me].astype(jnp.int32))
+    # The way back: what source s sent to my expert e is at landing[s, me, e] here and returns
+    # to send_start[s, me, e] there.
+    returned = ragged_all_to_all(out, jnp.zeros((pairs, d), x.dtype),
+                                 landing[:, me].reshape(-1), recv_sizes,
+                                 send_start[:, me].reshape(-1), send_sizes, axis_name=axis)
+    # Dropped pairs sit past every slice: their rows stay zero.
+    y = jnp.zeros_like(returned).at[order].set(returned, unique_indices=True)
+    return y.reshape(num_tokens, topk, d)
+
+
+def exchange_through_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Array,
+                             expert_fn: Callable[[jax.Array, jax.Array], jax.Array], *,
+                             num_experts: int, axis: str | tuple[str, ...],
+                             exchange: Exchange = "auto") -> jax.Array:
+    """Each kept (token, slot) pair through its expert on the device that holds it.
+
+    Called inside `shard_map` with `axis` the mesh axis (or axes) the experts are split over.
+    x `[T, D]` this device's tokens; expert_index `[T, k]` int global expert ids; keep `[T, k]`
+    bool (False: the pair is dropped and gets zeros); `expert_fn(rows [M, D], group_sizes
+    [E_loc]) -> [M, D]` applies this device's experts to rows sorted by local expert (rows past
+    `sum(group_sizes)` must come out as zeros). Returns `[T, k, D]`, each pair's unweighted
+    expert output. `exchange`: "ragged" (`ragged_all_to_all`: the kept rows only), "padded"
+    (`all_to_all` of `[n, T k, D]` blocks; XLA:CPU has no ragged collective), "auto": ragged
+    when lowered for TPU (as MaxText), padded elsewhere (GPU: pending a measurement).
+    """
+    if exchange not in get_args(Exchange):
+        raise ValueError(f"exchange={exchange!r} is not one of {get_args(Exchange)}.")
+    n = _axis_size(axis)
+    args = (x, expert_index, keep)
+    padded = functools.partial(_padded_exchange, expert_fn=expert_fn, num_experts=num_experts,
+                               axis=axis, n=n)
+    ragged = functools.partial(_ragged_exchange, expert_fn=expert_fn, num_experts=num_experts,
+                               axis=axis, n=n)
+    if exchange == "padded":
+        return padded(*args)
+    if exchange == "ragged":
+        return ragged(*args)
+    return jax.lax.platform_dependent(*args, tpu=ragged, default=padded)
 
 
 def swiglu_experts(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -136,14 +211,17 @@ def run_experts(x: jax.Array, expert_index: jax.Array, keep: jax.Array, w_gate: 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return _experts_here(x, expert_index, keep, weights, impl)
-    token_shards, expert_shards, mlp_shards = axes.shard_counts(
-        (axes.ACT_BATCH, axes.EXPERT, axes.MLP))
+    # One logical axis at a time: flax maps a mesh axis at most once per spec, and under expert
+    # parallelism `act_batch` already holds `expert` (the other layers' batch split).
+    (token_shards,), (expert_shards,), (mlp_shards,) = (
+        axes.shard_counts((a,)) for a in (axes.ACT_BATCH, axes.EXPERT, axes.MLP))
     if mlp_shards > 1:
         raise ConfigError(
             f"model.moe under tensor parallelism (expert width split {mlp_shards} ways over the "
             "tensor mesh axis) is not supported: split MoE models with strategy.mesh axes "
             "data, fsdp and expert (expert parallelism), e.g. data:2,expert:4")
-    token_axes, expert_axes = nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.EXPERT))
+    (token_axes,), (expert_axes,) = (nn.logical_to_mesh_axes((a,))
+                                     for a in (axes.ACT_BATCH, axes.EXPERT))
     num_tokens = x.shape[0]
     pad = -num_tokens % token_shards
     if pad:  # a batch too small to split evenly (one sequence at init): dropped pairs

@@ -33,6 +33,16 @@ def mesh_axis_names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def mesh_axis_size(entry: str | tuple[str, ...] | None) -> int:
+    """Devices one `PartitionSpec` entry splits over in the mesh in context (1 for None)."""
+    import math
+
+    import jax
+
+    shape = jax.sharding.get_abstract_mesh().shape
+    return math.prod(shape[n] for n in mesh_axis_names(entry))
+
+
 def shard_counts(logical: tuple[str | None, ...]) -> tuple[int, ...]:
     """How many ways each axis of an array with these logical axes is split: the product of
     the mesh axes the active logical rules map it to (1 for each axis outside a mesh)."""

@@ -46,11 +46,7 @@ from mnemax.layers.moe.dispatch import sort_by_expert
 
 def _axis_size(axis: str | tuple[str, ...]) -> int:
     """Devices along `axis` (static: it sets the exchange's shapes)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    size = 1
-    for name in (axis,) if isinstance(axis, str) else axis:
-        size *= mesh.shape[name]
-    return size
+    return axes.mesh_axis_size(axis)
 
 
 Exchange = Literal["auto", "padded", "ragged"]

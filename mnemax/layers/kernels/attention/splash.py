@@ -38,8 +38,7 @@ def block_size(seq_len: int) -> int | None:
 
 def shard_count(spec_entry: str | tuple[str, ...] | None) -> int:
     """Devices an axis is split over: the product of the mesh axes a PartitionSpec entry names."""
-    shape = jax.sharding.get_abstract_mesh().shape
-    return math.prod(shape[n] for n in axes.mesh_axis_names(spec_entry))
+    return axes.mesh_axis_size(spec_entry)
 
 
 def unsupported_reason(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], block: int | None,

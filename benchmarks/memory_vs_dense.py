@@ -9,6 +9,9 @@ scaled down (2 blocks of width 128) and trained with the same optimizer, batches
 - `dense_params`: dense with a wider FFN, as many parameters as the `pkm` model.
 - `pkm`, `memory_plus`, `ultramem`, `ultramemv2`, `peer`: the memory configs of the `*_tiny`
   recipes, scaled to this model (`scale_memory`).
+- `moe`: `moe_tiny`'s mixture of experts (8 SwiGLU experts, top-2, every block) with the expert
+  width that keeps its FLOPs at or under dense's (`moe_recipe`): the sparse baseline UltraMemV2
+  compares memory layers with.
 
 Reported per model: value loss over all F facts at the end, recall accuracy (argmax at the value
 position) over all F facts, the first logged step at which the value loss on a fixed sample of
@@ -48,7 +51,7 @@ KEY_BASE = 1
 MEMORY_RECIPES = {"pkm": "pkm_tiny", "memory_plus": "memory_plus_tiny",
                   "ultramem": "ultramem_tiny", "ultramemv2": "ultramemv2_tiny",
                   "peer": "peer_tiny"}
-MODELS = ("dense", "dense_params", *MEMORY_RECIPES)
+MODELS = ("dense", "dense_params", *MEMORY_RECIPES, "moe")
 EVAL_BATCHES = 2  # batches of facts in the fixed sample the loss curve is measured on
 
 
@@ -108,6 +111,16 @@ def memory_recipe(dense: Recipe, name: str, num_rows: int, sparse_lr: float) -> 
     return dataclasses.replace(
         dense, name=name, model=dataclasses.replace(dense.model, memory=memory),
         optimizer=dataclasses.replace(dense.optimizer, sparse_learning_rate=sparse_lr))
+
+
+def moe_recipe(dense: Recipe) -> Recipe:
+    """`dense` with `moe_tiny`'s experts in every block, each `F` wide with F the largest width
+    whose k experts and router cost no more than dense's FFN: 3 D F k + D E <= 3 D mlp_dim."""
+    moe = load_recipe("moe_tiny").model.moe
+    model = dense.model
+    width = (3 * model.hidden_dim - moe.num_experts) // (3 * moe.topk)
+    moe = dataclasses.replace(moe, expert_dim=width, layers=tuple(range(model.num_layers)))
+    return dataclasses.replace(dense, name="moe", model=dataclasses.replace(model, moe=moe))
 
 
 def params_matched_dense(dense: Recipe, target_params: int) -> Recipe:
@@ -184,7 +197,8 @@ def train_and_evaluate(recipe: Recipe, facts: np.ndarray, steps: int, log_every:
                     "params": program.param_count,
                     "flops_per_token": recipe.model.flops_per_token(seq_len),
                     "memory_layers": list(recipe.model.memory.layers)
-                    if recipe.model.memory else []}
+                    if recipe.model.memory else list(recipe.model.moe.layers)
+                    if recipe.model.moe else []}
 
 
 def first_step_at_or_below(curve: list[tuple[int, float]], loss: float) -> int | None:
@@ -193,7 +207,7 @@ def first_step_at_or_below(curve: list[tuple[int, float]], loss: float) -> int |
 
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per model: the figures this benchmark reports."""
-    head = ("| model | memory blocks | params | MFLOPs/token | final value loss | recall | "
+    head = ("| model | memory / MoE blocks | params | MFLOPs/token | final value loss | recall | "
             "steps to dense's final loss | memory/usage | memory/weight_entropy | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
@@ -257,8 +271,9 @@ def main(argv=None) -> int:
     for name in MEMORY_RECIPES:
         recipes[name] = memory_recipe(dense, name, args.rows, args.sparse_lr)
     recipes["dense_params"] = params_matched_dense(dense, recipes["pkm"].model.param_count())
+    recipes["moe"] = moe_recipe(dense)
     dense_flops = dense.model.flops_per_token(dense.data.seq_len)
-    for name in MEMORY_RECIPES:
+    for name in (*MEMORY_RECIPES, "moe"):
         flops = recipes[name].model.flops_per_token(dense.data.seq_len)
         if flops > dense_flops:
             raise ConfigError(f"{name} costs {flops / 1e6:.2f} MFLOPs/token, more than dense's "

@@ -4,7 +4,10 @@ Candidates: ZeRO stages 0-3 x remat policies (none, full, dots_saveable, and off
 every intermediate the model tags with `checkpoint_name`) x optimizer offload off/on x
 gradient accumulation 1, 2, 4, ... (while the micro-batch still splits over the data-parallel
 devices) x data/fsdp splits of the devices (fsdp only matters at stage 3: below it every split
-behaves as data:N; a `tensor` size given with `--set strategy.mesh=...` is kept).
+behaves as data:N; a `tensor` size given with `--set strategy.mesh=...` is kept) x, for a
+mixture of experts, the `expert` axis sizes (powers of two dividing the data-parallel devices
+and the experts, or the one `strategy.mesh` gives), the cost model counting the token
+all-to-alls and the experts' own gradient traffic (`plan_cost.collective_seconds`).
 
 Search, cheapest evidence first (`plan_worker` does the JAX work, in a subprocess on fake CPU
 devices): 1. the exact state bytes per device from each candidate's shardings (no compile);
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemax.errors import ConfigError
-from mnemax.launch.plan_cost import Hardware, StepTime, format_bytes, step_time
+from mnemax.launch.plan_cost import ExpertTraffic, Hardware, StepTime, format_bytes, step_time
 from mnemax.launch.plan_worker import InProcessWorker, MeasurementCache, SubprocessWorker
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -63,28 +66,33 @@ class Candidate:
                 (part.split(":") for part in self.mesh.split(","))}
 
 
-def _mesh(data: int, fsdp: int, tensor: int) -> str:
-    parts = [f"data:{data}", f"fsdp:{fsdp}"] + ([f"tensor:{tensor}"] if tensor > 1 else [])
+def _mesh(data: int, fsdp: int, tensor: int, expert: int = 1) -> str:
+    parts = [f"data:{data}", f"fsdp:{fsdp}"] + ([f"tensor:{tensor}"] if tensor > 1 else []) + (
+        [f"expert:{expert}"] if expert > 1 else [])
     return ",".join(parts)
 
 
-def candidates(global_batch: int, devices: int, tensor: int,
-               remat_policies: tuple[str, ...]) -> list[Candidate]:
-    """Every configuration to try (see the module docstring)."""
+def candidates(global_batch: int, devices: int, tensor: int, remat_policies: tuple[str, ...],
+               expert_sizes: tuple[int, ...] = (1,)) -> list[Candidate]:
+    """Every configuration to try (see the module docstring). `expert_sizes`: sizes of the
+    `expert` axis to try (a mixture of experts' expert parallelism); the expert axis splits the
+    batch too, so the data-parallel devices are data x fsdp x expert."""
     dp = devices // tensor
     accums = [k for k in (2**i for i in range(int(math.log2(global_batch)) + 1))
               if global_batch % k == 0 and (global_batch // k) % dp == 0]
     out = []
-    for stage in range(4):
-        # fsdp = 1 at stage 3 would shard nothing; below stage 3 fsdp acts as data.
-        splits = ([(dp // f, f) for f in range(2, dp + 1) if dp % f == 0] if stage == 3
-                  else [(dp, 1)])
-        for (data, fsdp) in splits:
-            for remat in remat_policies:
-                for offload in (False, True):
-                    for accum in accums:
-                        out.append(Candidate(stage, remat, offload, accum,
-                                             _mesh(data, fsdp, tensor)))
+    for expert in expert_sizes:
+        rest = dp // expert
+        for stage in range(4):
+            # fsdp = 1 at stage 3 would shard nothing; below stage 3 fsdp acts as data.
+            splits = ([(rest // f, f) for f in range(2, rest + 1) if rest % f == 0]
+                      if stage == 3 else [(rest, 1)])
+            for (data, fsdp) in splits:
+                for remat in remat_policies:
+                    for offload in (False, True):
+                        for accum in accums:
+                            out.append(Candidate(stage, remat, offload, accum,
+                                                 _mesh(data, fsdp, tensor, expert)))
     return out
 
 
@@ -147,6 +155,45 @@ class Planner:
                 f"(--devices {devices}" + (f" / tensor {self.tensor}" if self.tensor > 1 else "")
                 + f"); use a global batch that is a multiple of {dp} (--set data.global_batch="
                 f"{dp * max(1, round(batch / dp))}) or a --devices that divides {batch}")
+        self.expert_sizes = self._expert_sizes(parse_mesh(self.recipe.strategy.mesh), dp)
+
+    def _expert_sizes(self, mesh: dict[str, int], dp: int) -> tuple[int, ...]:
+        """The `expert` axis sizes to try: the one `strategy.mesh` gives, else (a mixture of
+        experts) every power of two dividing both the data-parallel devices and the experts,
+        else none."""
+        moe = getattr(self.recipe.model, "moe", None)
+        given = mesh.get("expert", 1)
+        if given != 1:
+            if given == -1 or dp % given or moe is None or moe.num_experts % given:
+                raise ConfigError(
+                    f"strategy.mesh={self.recipe.strategy.mesh!r}: the planner keeps the expert "
+                    f"size, which must divide the {dp} data-parallel devices and the model's "
+                    "experts; give strategy.mesh=expert:N with such an N (or leave expert out "
+                    "and the planner tries each)")
+            return (given,)
+        if moe is None:
+            return (1,)
+        return tuple(e for e in (2**i for i in range(int(math.log2(dp)) + 1))
+                     if dp % e == 0 and moe.num_experts % e == 0)
+
+    def _expert_traffic(self, cand: Candidate) -> ExpertTraffic | None:
+        """The MoE's share of the collectives of `cand` (None: no experts split)."""
+        moe = getattr(self.recipe.model, "moe", None)
+        if moe is None or cand.mesh_shape().get("expert", 1) == 1:
+            return None
+        import numpy as np
+
+        from mnemax.trainer.setup import COMPUTE_DTYPES
+
+        model, data = self.recipe.model, self.recipe.data
+        layers = len(moe.layers)
+        per_layer = moe.num_experts * 3 * model.d_model * moe.expert_dim
+        tokens = data.global_batch * data.seq_len // (self.devices // self.tensor)
+        return ExpertTraffic(
+            expert_params=layers * per_layer, moe_layers=layers, tokens_per_device=tokens,
+            topk=moe.topk, d_model=model.d_model,
+            value_bytes=np.dtype(COMPUTE_DTYPES[self.recipe.run.compute_dtype]).itemsize,
+            ragged=self.hw.platform == "tpu")
 
     # -- measurements (cached) --------------------------------------------------------------
 
@@ -190,7 +237,8 @@ class Planner:
     def _run(self) -> PlanResult:
         data = self.recipe.data
         dp = self.devices // self.tensor
-        first = candidates(data.global_batch, self.devices, self.tensor, ("none",))[0]
+        first = candidates(data.global_batch, self.devices, self.tensor, ("none",),
+                           self.expert_sizes[:1])[0]
         probe = self._ask({"op": "residuals", "overrides": first.overrides(),
                            "rows": max(1, data.global_batch // dp)})
         if "error" in probe:
@@ -217,7 +265,7 @@ class Planner:
         else:
             notes.append("no offload_names policy: the model tags no intermediates")
         rows = [self._row(c) for c in candidates(data.global_batch, self.devices, self.tensor,
-                                                policies)]
+                                                policies, self.expert_sizes)]
         best = self._search(rows)
         return PlanResult(rows, best, self.budget, self.devices, self.hw, notes, self.topology)
 
@@ -253,7 +301,7 @@ class Planner:
             flops_per_step=flops, attention_share=share, params=state["params"],
             stage=cand.zero_stage, remat=cand.remat, grad_accum=cand.grad_accum,
             mesh=cand.mesh_shape(), host_state_bytes=state["host_opt_state_bytes"],
-            host_activation_bytes=offloaded, hw=self.hw)
+            host_activation_bytes=offloaded, hw=self.hw, experts=self._expert_traffic(cand))
         row.update(est_step_s=time.total_s, compute_s=time.compute_s,
                    collective_s=time.collective_s, host_s=time.host_s)
         return row
@@ -263,8 +311,11 @@ class Planner:
         rows = self.recipe.data.global_batch // cand.grad_accum // (self.devices // self.tensor)
 
         def traced(remat: str) -> dict[str, Any]:
+            # Traced on data x expert: the exchange's buffers depend on the expert size.
+            expert = cand.mesh_shape().get("expert", 1)
             base = dataclasses.replace(cand, zero_stage=0, offload_optimizer=False, remat=remat,
-                                       mesh=_mesh(self.devices // self.tensor, 1, self.tensor))
+                                       mesh=_mesh(self.devices // self.tensor // expert, 1,
+                                                  self.tensor, expert))
             answer = self._ask({"op": "residuals", "overrides": base.overrides(),
                                 "rows": rows})
             if "error" in answer:  # never counted as zero bytes

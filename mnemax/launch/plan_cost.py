@@ -7,7 +7,8 @@ upper bound; it is used to rank configurations, not to promise a speed):
   `MATMUL_EFFICIENCY`;
 - collectives: ring all-gathers / reduce-scatters move S (n - 1) / n bytes per device for a tensor
   of S bytes over n devices, all-reduces twice that, at the intra-node link bandwidth when the
-  group fits in one node and the inter-node bandwidth otherwise;
+  group fits in one node and the inter-node bandwidth otherwise; a mixture of experts under
+  expert parallelism adds its token all-to-alls;
 - host transfers: offloaded optimizer state in and out once per step, offloaded activations out
   and back once per micro-batch, over PCIe.
 """
@@ -168,27 +169,67 @@ def _ring(bytes_: float, axes: tuple[str, ...], mesh: dict[str, int], hw: Hardwa
     return (2.0 if all_reduce else 1.0) * bytes_ * (n - 1) / n / bandwidth
 
 
-def collective_seconds(params: int, stage: int, mesh: dict[str, int], grad_accum: int,
-                       hw: Hardware) -> float:
-    """ZeRO traffic per step of fp32 gradients and parameters (4 bytes each, split over
-    `tensor`): stage 0 all-reduces the gradients over data x fsdp; stage 1 also all-gathers the
-    updated parameters; stage 2 reduce-scatters the gradients and all-gathers the parameters;
-    stage 3 all-gathers each layer's parameters over fsdp in the forward and the backward pass
-    and reduce-scatters its gradients, for every micro-batch, then reduce-scatters the
-    gradient shards over data (`zero_layout` splits gradients and moments over data x fsdp) and
-    all-gathers the updated parameter shards over data: the bytes of one all-reduce over data.
-    Tensor-parallel activation reductions are not counted."""
-    g = 4.0 * params / mesh.get("tensor", 1)
-    dp = ("data", "fsdp")
+@dataclasses.dataclass(frozen=True)
+class ExpertTraffic:
+    """What a mixture of experts adds to the collectives (`mnemax.layers.moe`)."""
+
+    expert_params: int  # routed experts' parameters, split over the `expert` mesh axis
+    moe_layers: int  # blocks holding the MoE
+    tokens_per_device: int  # tokens one device routes per step (all micro-batches)
+    topk: int
+    d_model: int
+    value_bytes: int  # bytes of one activation value (the compute dtype)
+    ragged: bool  # the exchange moves kept rows only (TPU), or padded [n, T k, D] blocks
+
+
+def _zero_seconds(g: float, stage: int, mesh: dict[str, int], grad_accum: int, hw: Hardware,
+                  replicas: tuple[str, ...]) -> float:
+    """ZeRO traffic of `g` bytes of fp32 gradients / parameters whose copies sit on the devices
+    of `replicas` (the data-parallel axes, fsdp among them)."""
     if stage == 0:
-        return _ring(g, dp, mesh, hw, all_reduce=True)
+        return _ring(g, replicas, mesh, hw, all_reduce=True)
     if stage == 1:
-        return _ring(g, dp, mesh, hw, all_reduce=True) + _ring(g, dp, mesh, hw)
+        return _ring(g, replicas, mesh, hw, all_reduce=True) + _ring(g, replicas, mesh, hw)
     if stage == 2:
-        return 2.0 * _ring(g, dp, mesh, hw)
+        return 2.0 * _ring(g, replicas, mesh, hw)
     per_micro = 3.0 * _ring(g, ("fsdp",), mesh, hw)
+    outer = tuple(a for a in replicas if a != "fsdp")
     return (grad_accum * per_micro
-            + _ring(g / mesh.get("fsdp", 1), ("data",), mesh, hw, all_reduce=True))
+            + _ring(g / mesh.get("fsdp", 1), outer, mesh, hw, all_reduce=True))
+
+
+def collective_seconds(params: int, stage: int, mesh: dict[str, int], grad_accum: int,
+                       hw: Hardware, experts: ExpertTraffic | None = None,
+                       remat: str = "none") -> float:
+    """ZeRO traffic per step of fp32 gradients and parameters (4 bytes each, split over
+    `tensor`): stage 0 all-reduces the gradients over the data-parallel axes; stage 1 also
+    all-gathers the updated parameters; stage 2 reduce-scatters the gradients and all-gathers the
+    parameters; stage 3 all-gathers each layer's parameters over fsdp in the forward and the
+    backward pass and reduce-scatters its gradients, for every micro-batch, then reduce-scatters
+    the gradient shards over the other data-parallel axes (`zero_layout` splits gradients and
+    moments over all of them) and all-gathers the updated parameter shards: the bytes of one
+    all-reduce. Tensor-parallel activation reductions are not counted.
+
+    Under expert parallelism (`experts`, an `expert` axis above 1) the `expert` axis is data
+    parallel for every parameter but the routed experts', which it splits (their copies sit on
+    data x fsdp only); and each MoE block exchanges its tokens' k rows of d_model values with
+    all-to-alls over `expert`: there and back in the forward pass, both again in the backward
+    pass, and the forward pair once more when remat reruns the block. An all-to-all sends
+    (n - 1) / n of its bytes off the device: the kept rows (ragged), or n blocks of T k rows
+    (padded)."""
+    n_expert = mesh.get("expert", 1)
+    g = 4.0 * params / mesh.get("tensor", 1)
+    if experts is None or n_expert == 1:
+        return _zero_seconds(g, stage, mesh, grad_accum, hw, ("data", "fsdp", "expert"))
+    g_experts = 4.0 * experts.expert_params / mesh.get("tensor", 1)
+    seconds = (_zero_seconds(g - g_experts, stage, mesh, grad_accum, hw,
+                             ("data", "fsdp", "expert"))
+               + _zero_seconds(g_experts / n_expert, stage, mesh, grad_accum, hw,
+                               ("data", "fsdp")))
+    rows = experts.tokens_per_device * experts.topk * (1 if experts.ragged else n_expert)
+    exchange = _ring(rows * experts.d_model * experts.value_bytes, ("expert",), mesh, hw)
+    passes = 4 if remat == "none" else 6
+    return seconds + passes * experts.moe_layers * exchange
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +247,8 @@ class StepTime:
 
 def step_time(*, flops_per_step: float, attention_share: float, params: int, stage: int,
               remat: str, grad_accum: int, mesh: dict[str, int], host_state_bytes: float,
-              host_activation_bytes: float, hw: Hardware) -> StepTime:
+              host_activation_bytes: float, hw: Hardware,
+              experts: ExpertTraffic | None = None) -> StepTime:
     """Estimated step time of one configuration (see the module docstring).
 
     `host_state_bytes`: optimizer state one device keeps in host memory (in and out once per
@@ -218,4 +260,5 @@ def step_time(*, flops_per_step: float, attention_share: float, params: int, sta
     compute = (flops_per_step * recompute_factor(remat, attention_share)
                / (devices * hw.peak_flops * MATMUL_EFFICIENCY))
     host = 2.0 * (host_state_bytes + grad_accum * host_activation_bytes) / hw.host_bytes_per_s
-    return StepTime(compute, collective_seconds(params, stage, mesh, grad_accum, hw), host)
+    return StepTime(compute, collective_seconds(params, stage, mesh, grad_accum, hw, experts,
+                                                remat), host)

@@ -11,6 +11,7 @@ from mnemax.errors import ConfigError
 from mnemax.launch.plan import candidates, plan, require_fit
 from mnemax.launch.plan_cost import (
     HARDWARE,
+    ExpertTraffic,
     collective_seconds,
     parse_memory,
     recompute_factor,
@@ -80,6 +81,36 @@ def test_candidates_cover_stages_policies_offload_accum_and_meshes():
     assert {c.mesh for c in cands if c.zero_stage < 3} == {"data:8,fsdp:1"}
 
 
+def test_expert_parallel_candidates_and_their_traffic():
+    """MoE: the expert axis sizes join the meshes (data x fsdp x expert = the data-parallel
+    devices), and the cost model moves the experts' gradients over data x fsdp only and adds
+    the token all-to-alls, worked by hand."""
+    meshes = {c.mesh for c in candidates(16, 8, 1, ("none",), (1, 2, 8))}
+    assert {"data:8,fsdp:1", "data:4,fsdp:1,expert:2", "data:1,fsdp:1,expert:8",
+            "data:2,fsdp:2,expert:2", "data:1,fsdp:4,expert:2"} <= meshes
+    assert not any("expert:8" in m and "fsdp:1" not in m for m in meshes)  # no fsdp left
+    h100 = HARDWARE["h100"]
+    moe = ExpertTraffic(expert_params=6 * 10**8, moe_layers=16, tokens_per_device=8192,
+                        topk=2, d_model=2048, value_bytes=2, ragged=True)
+    mesh = {"data": 4, "fsdp": 1, "expert": 2}
+    # Stage 0 inside one node (450 GB/s): 0.4 B dense parameters all-reduced over all 8
+    # devices, the 0.6 B expert parameters split in 2 and all-reduced over data:4; then
+    # 16 MoE blocks x 4 exchanges (no remat) of 8192 x 2 rows x 2048 bf16 values, half of
+    # them off the device.
+    dense = 2 * 4 * 0.4e9 * 7 / 8 / 450e9
+    routed = 2 * 4 * 0.3e9 * 3 / 4 / 450e9
+    exchange = 16 * 4 * (8192 * 2 * 2048 * 2) * 1 / 2 / 450e9
+    assert collective_seconds(10**9, 0, mesh, 1, h100, moe) == pytest.approx(
+        dense + routed + exchange)
+    # Padded blocks move n = 2 times the rows; a rerun forward (remat) adds 2 exchanges.
+    padded = ExpertTraffic(**{**moe.__dict__, "ragged": False})
+    assert collective_seconds(10**9, 0, mesh, 1, h100, padded, "full") == pytest.approx(
+        dense + routed + exchange * 2 * 6 / 4)
+    # No expert axis: the MoE is plain data parallel.
+    assert collective_seconds(10**9, 0, {"data": 8, "fsdp": 1}, 1, h100, moe) == pytest.approx(
+        2 * 4e9 * 7 / 8 / 450e9)
+
+
 def test_plan_picks_a_compiled_fit_when_the_budget_rules_out_stage_0():
     # Stage 0 replicates everything: its compiled peak is 3.07 MiB here (estimate 2.71 MiB);
     # stage 2 with no remat compiles to 2.06 MiB. Candidates must fit in 90% of the budget
@@ -128,6 +159,8 @@ def test_bad_plan_inputs_name_the_fix():
     assert code == 2 and "drop --devices" in err
     code, _, err = _main(["plan", "tiny"])
     assert code == 2 and "--devices N" in err and "--topology NAME" in err
+    code, _, err = _main(["plan", "moe_tiny", "--devices", "8", *_sets("strategy.mesh=expert:3")])
+    assert code == 2 and "keeps the expert size" in err and "expert:N" in err
 
 
 def test_tpu_plan_ranks_real_tpu_compiles_by_the_compilers_estimate(monkeypatch):

@@ -26,9 +26,13 @@ GDN_OUT = "gdn_out"  # the gated delta rule's output, before the norm: [batch, t
 # Memory layers (mnemax/layers/memory/).
 MEMORY_OUT = "memory_out"  # the memory layer's output, added to the FFN's: [batch, time, embed]
 
+# Mixture of experts (mnemax/layers/moe/).
+MOE_OUT = "moe_out"  # the experts' weighted sum (+ shared experts): [batch, time, embed]
+
 ALL_NAMES: tuple[str, ...] = (
     ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT,
     MLP_GATE, MLP_UP, MLP_HIDDEN,
     GDN_QKV, GDN_OUT,
     MEMORY_OUT,
+    MOE_OUT,
 )

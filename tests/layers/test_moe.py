@@ -354,6 +354,10 @@ def test_component_counts_roles_and_scanned_state():
     recorded = jax.eval_shape(lambda v: model.build().apply(v, tokens, mutable=[STATE_STATS])[1],
                               nn.meta.unbox(boxed))
     assert recorded[STATE_STATS]["layers"]["block"]["moe"]["expert_load"].shape == (2, e)
+    # Its remat tag is in the traced model, so save_names / offload_names policies can use it.
+    assert FFNS["moe"].remat_names == ("moe_out",)
+    jaxpr = str(jax.make_jaxpr(lambda v: model.build().apply(v, tokens))(nn.meta.unbox(boxed)))
+    assert "name=moe_out" in jaxpr
     loads = np.array([[9, 1, 6, 6, 6, 6, 6, 8], [0, 0, 12, 12, 4, 8, 4, 8]], np.float32)
     new = model.update_model_state(
         {"layers": {"block": {"moe": {"expert_bias": jnp.zeros((2, e))}}}},

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import jax
 
+from mnemax.layers import checkpoint_names as names
 from mnemax.layers.components.base import BlockContext, Component, register
 from mnemax.layers.moe import layer as moe_layer
 from mnemax.layers.moe.config import MoEConfig
@@ -26,6 +27,7 @@ class MoEFFN(Component):
     kind: ClassVar[str] = "ffn"
     name: ClassVar[str] = "moe"
     module_name: ClassVar[str] = "moe"
+    remat_names: ClassVar[tuple[str, ...]] = (names.MOE_OUT,)
     aux_keys: ClassVar[tuple[str, ...]] = ("loss/moe_load_balance", "loss/moe_router_z",
                                            "moe/max_load", "moe/dropped_fraction")
     # No axis_sharding: `expert` is a shared logical axis (mnemax.layers.axes) that the parallel

@@ -5,8 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from mnemax.layers import axes
+from mnemax.layers import axes, checkpoint_names
 from mnemax.layers.components.base import MODEL_STATE, STATE_STATS
 from mnemax.layers.mlp import SwiGLU
 from mnemax.layers.moe.config import MoEConfig
@@ -90,6 +91,7 @@ class MoELayer(nn.Module):
             out = out + SwiGLU(cfg.num_shared_experts * width, self.init_std, self.out_init_std,
                                name="shared")(x)
         out = nn.with_logical_constraint(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        out = checkpoint_name(out, checkpoint_names.MOE_OUT)
         aux = {
             LOAD_BALANCE_LOSS: cfg.load_balance_weight * load_balance_loss(
                 routing.probs, counts, cfg.topk),

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnemax.errors import check_choices
+from mnemax.errors import ConfigError, check_choices
 from mnemax.layers import axes
 from mnemax.layers.attention import AttentionImpl
 from mnemax.layers.components import (
@@ -39,6 +39,7 @@ from mnemax.layers.memory import MemoryConfig
 from mnemax.layers.mlp import swiglu_hidden_dim
 from mnemax.layers.moe import MoEConfig
 from mnemax.layers.norms import RMSNorm
+from mnemax.layers.sparse_attention.config import SparseAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,10 @@ class TransformerConfig:
     vocab_size: int = 320  # output classes; must be >= the tokenizer's vocabulary
     num_layers: int = 4  # decoder blocks
     d_model: int = 256  # residual stream width
-    num_heads: int = 4  # query heads
+    num_heads: int = 4  # attention heads (query heads unless query_heads is set)
+    # Sparse query attention (SQA): query heads of attention blocks, fewer than num_heads, head
+    # width still d_model // num_heads; None = num_heads
+    query_heads: int | None = None
     num_kv_heads: int | None = None  # key/value heads (GQA); None = num_heads
     head_dim: int | None = None  # per-head width; None = d_model // num_heads
     mlp_dim: int | None = None  # SwiGLU hidden width; None = Llama's 8/3 * d_model rounded to 256
@@ -69,6 +73,8 @@ class TransformerConfig:
     mixers: tuple[str, ...] = ()
     sliding_window: int = 512  # window (tokens, itself included) of swa blocks
     gated_delta: GatedDeltaConfig | None = None  # gdn shape; None = heads/head_dim of attention
+    # block sizes and top-k of the moba and nsa mixers; None = SparseAttentionConfig()'s defaults
+    sparse_attention: SparseAttentionConfig | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, "model")
@@ -80,6 +86,15 @@ class TransformerConfig:
     def gdn(self) -> GatedDeltaConfig:
         return self.gated_delta or GatedDeltaConfig(num_heads=self.num_heads,
                                                     head_dim=self.dim_per_head)
+
+    @property
+    def sparse(self) -> SparseAttentionConfig:
+        return self.sparse_attention or SparseAttentionConfig()
+
+    @property
+    def q_heads(self) -> int:
+        """Query heads of attention blocks: query_heads (SQA) or num_heads."""
+        return self.query_heads or self.num_heads
 
     @property
     def kv_heads(self) -> int:
@@ -135,7 +150,15 @@ class TransformerConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming a field whose value cannot build a model."""
-        if self.num_heads % self.kv_heads:
+        if self.query_heads is not None and not (
+                self.kv_heads <= self.query_heads <= self.num_heads
+                and self.query_heads % self.kv_heads == 0):
+            raise ConfigError(
+                f"model.query_heads={self.query_heads} must lie between model.num_kv_heads="
+                f"{self.kv_heads} and model.num_heads={self.num_heads} and be a multiple of "
+                "num_kv_heads (sparse query attention: fewer query heads, each key/value head "
+                "serving a whole group of them); change query_heads or num_kv_heads")
+        if self.query_heads is None and self.num_heads % self.kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} is not a multiple of "
                 f"model.num_kv_heads={self.kv_heads}: each key/value head serves a whole group "

@@ -29,7 +29,12 @@ def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMixer(Component):
-    """Causal GQA with RoPE; `window` tokens (itself included) for sliding-window attention."""
+    """Causal GQA with RoPE; `window` tokens (itself included) for sliding-window attention.
+
+    `num_heads` is the query heads: the model's `num_heads`, or `model.query_heads` with sparse
+    query attention ("Sparse Query Attention", 2025: fewer query heads than the model's heads,
+    each still d_model / num_heads wide, so q, o and the score FLOPs shrink by
+    query_heads / num_heads)."""
 
     kind: ClassVar[str] = "mixer"
     name: ClassVar[str] = "attention"
@@ -48,7 +53,7 @@ class AttentionMixer(Component):
     @classmethod
     def for_block(cls, model: Any, layer: int) -> AttentionMixer:
         window = model.sliding_window if model.mixer(layer) == "swa" else None
-        return cls(num_heads=model.num_heads, num_kv_heads=model.kv_heads,
+        return cls(num_heads=model.q_heads, num_kv_heads=model.kv_heads,
                    head_dim=model.dim_per_head, rope_theta=model.rope_theta,
                    init_std=model.init_std, impl=model.attention_impl, window=window)
 
@@ -58,7 +63,7 @@ class AttentionMixer(Component):
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             rope_theta=self.rope_theta, init_std=self.init_std, out_init_std=ctx.out_init_std,
             impl=self.impl, window=self.window, name=self.module_name)
-        return module(x, positions), {}
+        return module(x, positions)
 
     def param_count(self, ctx: BlockContext) -> int:
         return attention_param_count(ctx.model.d_model, self.num_heads, self.num_kv_heads,

@@ -163,6 +163,18 @@ def test_bad_plan_inputs_name_the_fix():
     assert code == 2 and "keeps the expert size" in err and "expert:N" in err
 
 
+def _fewer_candidates(monkeypatch):
+    """The search over stages 0 and 3 without offload or accumulation: every remat policy and
+    both measurement paths, a sixth of the candidates to measure (the full grid is
+    test_plan_picks_a_compiled_fit_when_the_budget_rules_out_stage_0's)."""
+    from mnemax.launch import plan as plan_module
+
+    every = plan_module.candidates
+    monkeypatch.setattr(plan_module, "candidates", lambda *args, **kwargs: [
+        c for c in every(*args, **kwargs)
+        if c.zero_stage in (0, 3) and not c.offload_optimizer and c.grad_accum == 1])
+
+
 def test_tpu_plan_ranks_real_tpu_compiles_by_the_compilers_estimate(monkeypatch):
     from mnemax.launch import plan as plan_module
     from mnemax.launch.compile import tpu_hardware, tpu_topology_devices
@@ -170,6 +182,7 @@ def test_tpu_plan_ranks_real_tpu_compiles_by_the_compilers_estimate(monkeypatch)
     # Two finalists (the default is 3) keep the test to two TPU compiles; the ranking among
     # them is the same code.
     monkeypatch.setattr(plan_module, "TPU_FINALISTS", 2)
+    _fewer_candidates(monkeypatch)
     chips = tpu_topology_devices("v5e:2x2")
     hw = tpu_hardware(chips[0])
     result = plan("tiny", list(SMALL), devices=len(chips), budget=hw.memory_bytes, hw=hw,
@@ -229,6 +242,7 @@ def test_residuals_that_cannot_be_traced_never_count_as_zero_bytes(monkeypatch):
         return traced(self, extra, rows)
 
     monkeypatch.setattr(Measurer, "residuals", refuse_full)
+    _fewer_candidates(monkeypatch)
     result = plan("tiny", list(SMALL), devices=8, budget=parse_memory("1GB"),
                   hw=hardware("h100"), in_process=True, cache=False)
     full = [r for r in result.rows if r["remat"] == "full"]

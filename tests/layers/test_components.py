@@ -73,7 +73,7 @@ class ToyFFN(Component):
 def _show(*overrides):
     from mnemax.launch.cli import main
 
-    args = ["show", "tiny", "--json", "--compiled"]
+    args = ["show", "tiny", "--json"]
     for item in (*SMALL, *overrides):
         args += ["--set", item]
     out = io.StringIO()
@@ -104,13 +104,12 @@ def test_a_component_registered_outside_mnemax_is_picked_up_everywhere():
     assert toy["flops_per_token"] == pytest.approx(base["flops_per_token"]
                                                    + layers * 12.0 * d * WIDTH)
     # The memory report counts the new parameters: fp32, params over fsdp = 4 and Adam's two
-    # moments over data x fsdp = 8 (at ZeRO 3; WIDTH and d divide both).
+    # moments over data x fsdp = 8 (at ZeRO 3; WIDTH and d divide both). (Compiled activation
+    # memory is left to tests/cli/test_memory_report.py: the step below compiles and runs it.)
     grew = {k: toy["memory_per_device"][k] - base["memory_per_device"][k]
             for k in ("params_bytes", "opt_state_bytes", "grads_bytes")}
     assert grew["params_bytes"] == pytest.approx(4 * extra / 4, abs=4 * layers * WIDTH)
     assert grew["opt_state_bytes"] == pytest.approx(8 * extra / 8, abs=8 * layers * WIDTH)
-    assert toy["memory_per_device"]["activation_bytes"] > base["memory_per_device"][
-        "activation_bytes"]
     # It trains: its parameters move, its aux metric is logged, its new axis is sharded like
     # the MLP axis (over nothing here), its matrices are decayed and its gain is not.
     block = params["layers"]["block"]["toy"]

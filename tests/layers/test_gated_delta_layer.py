@@ -21,9 +21,10 @@ def test_decoding_token_by_token_equals_the_parallel_layer():
     params = layer.init(jax.random.key(1), x)
     parallel, _ = layer.apply(params, x)
     cache = init_cache(CFG, batch=2)
+    decode = jax.jit(layer.apply)  # one compile for the 21 steps
     steps = []
     for t in range(x.shape[1]):
-        y, cache = layer.apply(params, x[:, t:t + 1], cache)
+        y, cache = decode(params, x[:, t:t + 1], cache)
         steps.append(y)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), parallel, atol=2e-5, rtol=1e-4)
 

@@ -1,4 +1,4 @@
-"""The `mnemax` command line: train, eval, show, compile, plan, data prepare, recipes.
+"""The `mnemax` command line: train, eval, show, compile, plan, launch, data prepare, recipes.
 
 This is a public interface that scripts depend on; change it only compatibly.
 """
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from mnemax.errors import MnemaxError
+from mnemax.launch.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S, add_cluster_args
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--run-dir", default=None,
                        help="where metrics, checkpoints and the resolved recipe go "
-                            "(default: runs/RECIPE)")
+                            "(default: runs/RECIPE); a path or a URL such as gs://bucket/run")
+    add_cluster_args(train)
 
     evaluate = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
     _add_recipe_args(evaluate)
     evaluate.add_argument("--run-dir", required=True)
     evaluate.add_argument("--batches", type=int, default=None,
                           help="validation batches (default: the recipe's eval.batches)")
+    add_cluster_args(evaluate)
+
+    launch = sub.add_parser("launch", help="start a multi-process job")
+    launch_sub = launch.add_subparsers(dest="launch_command", required=True)
+    local = launch_sub.add_parser(
+        "local", help="train with N CPU processes on this machine (JAX's distributed runtime, "
+                      "gloo collectives, fake devices): multi-host behaviour without a cluster")
+    _add_recipe_args(local)
+    local.add_argument("--processes", type=int, required=True, metavar="N")
+    local.add_argument("--devices", type=int, default=8, metavar="TOTAL",
+                       help="fake CPU devices in all, TOTAL / N per process (default 8)")
+    local.add_argument("--run-dir", default=None, help="as for `mnemax train`")
+    local.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+                       metavar="S", help="seconds before a silent process counts as dead")
 
     show = sub.add_parser("show", help="resolved recipe, parameter count, FLOPs/token, memory")
     _add_recipe_args(show)
@@ -90,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mnemax.launch.distributed import maybe_initialize
+    from mnemax.launch.distributed import cluster_spec, maybe_initialize
     from mnemax.recipes.registry import load_recipe
     from mnemax.trainer.loop import train
 
-    maybe_initialize()
+    maybe_initialize(cluster_spec(args))
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     result = train(recipe, run_dir)
@@ -102,13 +118,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from mnemax.launch.distributed import cluster_spec, is_primary, maybe_initialize
     from mnemax.recipes.registry import load_recipe
     from mnemax.trainer.loop import evaluate
 
+    maybe_initialize(cluster_spec(args))
     recipe = load_recipe(args.recipe, args.overrides)
     result = evaluate(recipe, args.run_dir, batches=args.batches)
-    print(json.dumps(result))
+    if is_primary():
+        print(json.dumps(result))
     return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from mnemax.launch.local import launch_local
+
+    train_args = [args.recipe]
+    if args.run_dir is not None:
+        train_args += ["--run-dir", args.run_dir]
+    for item in args.overrides:
+        train_args += ["--set", item]
+    return launch_local(args.processes, train_args, devices=args.devices,
+                        heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -193,7 +224,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show, "compile": _cmd_compile,
-            "plan": _cmd_plan,
+            "plan": _cmd_plan, "launch": _cmd_launch,
             "recipes": _cmd_recipes, "data": _cmd_data}
 
 

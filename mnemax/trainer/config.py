@@ -25,6 +25,8 @@ class RunConfig:
     log_every: int = 10  # steps between metric lines / JSONL records
     seed: int = 0  # parameter init seed
     peak_flops_per_device: float | None = None  # for MFU; None = look up the device kind
+    # persistent XLA cache; None = $JAX_COMPILATION_CACHE_DIR or ~/.cache/mnemax/xla; "" = off
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, "run")

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from rich.console import Console
 
 from mnemax.errors import CheckpointError, ConfigError, MnemaxError
-from mnemax.trainer.checkpoint import Checkpointer, abstract_with_shardings
+from mnemax.trainer.checkpoint import (
+    Checkpointer,
+    DamagedCheckpointError,
+    abstract_with_shardings,
+    is_url,
+)
+from mnemax.trainer.compile_cache import enable_compile_cache
 from mnemax.trainer.data import eval_batches, open_dataset, train_iterator
+from mnemax.trainer.events import EventLog
 from mnemax.trainer.hardware import peak_flops_per_device, peak_memory_bytes
 from mnemax.trainer.metrics import MetricsWriter, format_train_line
+from mnemax.trainer.multiprocess import all_processes, barrier, compile_then_align
+from mnemax.trainer.preemption import StopAgreement
 from mnemax.trainer.recipe import Recipe, recipe_to_dict
 from mnemax.trainer.setup import TrainProgram, build_program
 
@@ -32,28 +39,6 @@ class TrainResult:
     final_step: int
     status: str  # completed | interrupted | halted_nonfinite | nothing_to_do
     last_checkpoint: int | None
-
-
-class _StopSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # Outside the main thread signal() raises: signals then stay with the caller.
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def check_vocab(recipe: Recipe) -> None:
@@ -103,7 +88,7 @@ def _differs(saved: Any, now: Any) -> bool:
     return saved != now
 
 
-def check_same_state(saved: dict, recipe: Recipe, step: int, directory: Path) -> None:
+def check_same_state(saved: dict, recipe: Recipe, step: int, directory: epath.Path) -> None:
     """Raises CheckpointError naming each recipe field whose change gives the train state
     another tree than the one checkpoint `step` holds (a changed model or optimizer state)."""
     before, now = _state_shape_fields(saved), _state_shape_fields(recipe_to_dict(recipe))
@@ -160,18 +145,92 @@ def resume_schedule(recipe: Recipe, saved: dict | None, console: Console) -> Rec
                                                                     decay_steps=end))
 
 
-def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None,
+def restore_newest_readable(program: TrainProgram, ckpt: Checkpointer, recipe: Recipe,
+                            console: Console, events: EventLog):
+    """`(state, data_state, step)` of the newest checkpoint every process can read, or None
+    when there is no checkpoint.
+
+    A checkpoint whose files are damaged (a truncated copy, a save cut short on a filesystem
+    without atomic renames) is skipped with one line naming its step; once an older one has
+    restored, the damaged ones are renamed `damaged-<step>` (nothing is deleted) so the resumed
+    run can save those steps again. When none can be read, the newest one's error is raised
+    and nothing is renamed. Every process takes the same decision (a restore that fails on one
+    host fails everywhere).
+    """
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    damaged: list[tuple[int, DamagedCheckpointError]] = []
+    for step in steps:
+        error = None
+        try:
+            state, data_state, _ = _restore(program, ckpt, step, recipe)
+        except DamagedCheckpointError as err:
+            error = err
+        if all_processes(error is None, "restored"):
+            break
+        damaged.append((step, error or DamagedCheckpointError(
+            f"checkpoint {ckpt.directory / str(step)} could not be read on another process",
+            step, "unreadable on another process")))
+    else:
+        if damaged:
+            raise damaged[0][1]
+        return None
+    for bad, err in damaged:
+        aside = ckpt.set_aside(bad) if jax.process_index() == 0 else None
+        console.print(f"skipping checkpoint step {bad}: its files are damaged ({err.reason}); "
+                      f"kept as {aside}; resuming from step {step}", soft_wrap=True,
+                      markup=False)
+        events.record("fallback", step, skipped_step=bad, reason=err.reason)
+    if damaged:
+        barrier("damaged_checkpoints_set_aside")
+        ckpt.reload()
+    return state, data_state, step
+
+
+def _make_run_dir(run_dir: epath.PathLike) -> epath.Path:
+    """`run_dir` as an epath (local paths made absolute, URLs kept), created by process 0."""
+    path = epath.Path(run_dir)
+    if not is_url(path):
+        path = epath.Path(path.expanduser().absolute())
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(recipe: Recipe, run_dir: epath.PathLike, *, console: Console | None = None,
           devices: list[jax.Device] | None = None) -> TrainResult:
-    """Runs `recipe` until `recipe.run.steps`, resuming from the newest checkpoint in `run_dir`."""
+    """Runs `recipe` until `recipe.run.steps`, resuming from the newest readable checkpoint in
+    `run_dir` (a local path or a URL such as gs://bucket/run).
+
+    With several processes (`jax.distributed`), every process calls this; process 0 alone
+    prints, writes `metrics.jsonl`, TensorBoard, `events.jsonl` and `recipe.json`; all of them
+    write their shards of each checkpoint.
+    """
+    primary = jax.process_index() == 0
     console = console or Console(highlight=False)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not primary:
+        console = Console(quiet=True)
+    enable_compile_cache(recipe.run)
+    run_dir = _make_run_dir(run_dir)
+    events = EventLog(run_dir, primary=primary)
+    try:
+        return _train(recipe, run_dir, console, devices, events)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt | SystemExit):
+            events.record("fault", None, reason=f"{type(err).__name__}: "
+                                                f"{' '.join(str(err).split())[:300]}")
+        raise
+
+
+def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
+           devices: list[jax.Device] | None, events: EventLog) -> TrainResult:
+    primary = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
     latest = ckpt.latest_step() if recipe.checkpoint.resume else None
     recipe = resume_schedule(recipe, ckpt.saved_recipe(latest) if latest is not None else None,
                              console)
     recipe_dict = recipe_to_dict(recipe)
-    (run_dir / "recipe.json").write_text(json.dumps(recipe_dict, indent=2) + "\n")
+    if primary:
+        (run_dir / "recipe.json").write_text(json.dumps(recipe_dict, indent=2) + "\n")
 
     check_vocab(recipe)
     program = build_program(recipe, devices)
@@ -182,15 +241,21 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
                    if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
-    writer = MetricsWriter(run_dir, tensorboard=jax.process_index() == 0)
+    writer = MetricsWriter(run_dir, tensorboard=True, enabled=primary)
 
-    if latest is not None:
-        state, data_state, _ = _restore(program, ckpt, latest, recipe)
+    restored = (restore_newest_readable(program, ckpt, recipe, console, events)
+                if recipe.checkpoint.resume else None)
+    processes = jax.process_count()
+    if restored is not None:
+        state, data_state, latest = restored
         data.set_state(data_state)
         writer.truncate_after(latest)
         console.print(f"resumed from checkpoint {ckpt.directory / str(latest)} (step {latest})")
+        events.record("resume", latest, processes=processes)
     else:
+        latest = None
         state = program.init(jax.random.key(run.seed))
+        events.record("start", 0, processes=processes)
     start = int(state.step)
     last_saved = latest
 
@@ -221,12 +286,16 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
     status = "completed"
     step = start
     interval_start, interval_steps = None, 0
-    with _StopSignal() as stop:
+    train_step = program.train_step
+    with StopAgreement() as stop:
         while step < run.steps:
             batch = program.global_batch(next(data))
-            state, metrics = program.train_step(state, batch)
+            if step == start:  # processes start the first step together (multiprocess.py)
+                train_step = compile_then_align(program.train_step, state, batch)
+            state, metrics = train_step(state, batch)
             step += 1
             pending.append((step, metrics))
+            stopping = stop.should_stop(step)  # every step, on every process
             if interval_start is None:  # the first step includes compilation: time from after it
                 jax.block_until_ready(metrics)
                 interval_start, interval_steps = time.perf_counter(), 0
@@ -237,11 +306,13 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
             boundary = (step % run.log_every == 0 or step == run.steps
                         or (recipe.checkpoint.every and step % recipe.checkpoint.every == 0)
                         or (recipe.eval.every and step % recipe.eval.every == 0)
-                        or stop.received is not None)
+                        or stopping)
             if not boundary:
                 continue
             host = [(s, jax.device_get(m)) for s, m in pending]
             pending.clear()
+            # The metrics are replicated outputs of the step: every process reads the same
+            # values and takes the same decision.
             bad = [s for s, m in host if not math.isfinite(float(m["loss"]))
                    or not math.isfinite(float(m["grad_norm"]))]
             if bad and run.nan_policy == "halt":
@@ -251,6 +322,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                     f"{ckpt.directory}. Lower optimizer.learning_rate or set run.nan_policy=skip."
                 )
                 status = "halted_nonfinite"
+                events.record("fault", bad[0], reason="non-finite loss or gradient",
+                              policy="halt", last_checkpoint=last_saved)
                 break
             elapsed = time.perf_counter() - interval_start
             # The state is at `step` now: evaluate it at every multiple of eval.every and at the
@@ -282,11 +355,12 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
                 console.print(f"step {step}/{run.steps} | eval {evaluation['eval_loss']:.4f}")
             interval_start, interval_steps = time.perf_counter(), 0
 
-            if stop.received is not None:
+            if stopping:
                 save(step)
                 ckpt.wait()
-                console.print(f"{stop.received} received: saved checkpoint at step {step} in "
+                console.print(f"{stop.describe()}: saved checkpoint at step {step} in "
                               f"{ckpt.directory}; exiting")
+                events.record("preemption", step, reason=stop.describe())
                 status = "interrupted"
                 break
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
@@ -298,12 +372,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, console: Console | None = None
     writer.close()
     if status == "completed":
         console.print(f"done: step {step}, checkpoint {last_saved} in {ckpt.directory}")
+        events.record("end", step, last_checkpoint=last_saved)
     return TrainResult(step, status, last_saved)
 
 
-def evaluate(recipe: Recipe, run_dir: str | Path, *, batches: int | None = None) -> dict:
-    """Validation loss of the newest checkpoint in `run_dir`."""
-    run_dir = Path(run_dir)
+def evaluate(recipe: Recipe, run_dir: epath.PathLike, *, batches: int | None = None) -> dict:
+    """Validation loss of the newest checkpoint in `run_dir` (every process calls it)."""
+    enable_compile_cache(recipe.run)
+    run_dir = epath.Path(run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
     step = ckpt.latest_step()
     if step is None:
@@ -314,4 +390,7 @@ def evaluate(recipe: Recipe, run_dir: str | Path, *, batches: int | None = None)
     ckpt.close()
     val = eval_batches(recipe.data, batches or recipe.eval.batches,
                        process_index=jax.process_index(), process_count=jax.process_count())
+    if val:
+        program = dataclasses.replace(program, eval_step=compile_then_align(
+            program.eval_step, state.params, program.global_batch(val[0]), state.model_state))
     return {"step": step, **evaluate_params(program, state, val)}

@@ -5,34 +5,51 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 
 class MetricsWriter:
-    """Appends `{"step": ..., ...}` records to `run_dir/metrics.jsonl` and TensorBoard."""
+    """Appends `{"step": ..., ...}` records to `run_dir/metrics.jsonl` and TensorBoard.
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+    In a multi-process job only process 0 writes (`enabled=False` elsewhere: every method is
+    then a no-op), so the file has one record per step. `run_dir` may be a URL (gs://...):
+    TensorBoard writes there itself; `metrics.jsonl` is rewritten whole at each record, since
+    object stores cannot append.
+    """
+
+    def __init__(self, run_dir: epath.PathLike, *, tensorboard: bool = True,
+                 enabled: bool = True):
+        self.path = epath.Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._local = "://" not in str(run_dir)
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(epath.Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops records of steps > `step` (written by a run that died before its next
         checkpoint; the resumed run writes them again)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        if self._local:
+            with open(str(self.path), "a") as f:
+                f.write(line)
+        else:
+            old = self.path.read_text() if self.path.exists() else ""
+            self.path.write_text(old + line)
         if self._tb is not None:
             step = int(record["step"])
             for key, value in clean.items():

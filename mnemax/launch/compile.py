@@ -230,6 +230,12 @@ def compile_recipe(recipe_arg: str, overrides: Sequence[str], topology: str, *,
         step = _compile_step(program)
     compile_s = time.perf_counter() - start
     memory = _memory(step)
+    # The twin below can take as long again: say what the step needs now, so a run stopped
+    # during the twin has already given its memory figures.
+    gib = 2.0**30
+    log(f"step compiled in {compile_s:.0f} s: peak {memory['peak_bytes'] / gib:.2f} GiB per chip "
+        f"(arguments {memory['argument_bytes'] / gib:.2f} + temp "
+        f"{memory['temp_bytes'] / gib:.2f}) of {hbm / gib:.2f}")
 
     twin_overrides = estimate_twin_overrides(recipe)
     start = time.perf_counter()

@@ -36,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mnemax.layers import axes, checkpoint_names
 from mnemax.layers.attention import KV_AXES, Q_AXES, GroupedQueryAttention, kernel_spec
 from mnemax.layers.kernels.block_sparse_attention import block_sparse_attention
+from mnemax.layers.kernels.block_sparse_attention.blocks import masked_softmax
 from mnemax.layers.kernels.block_sparse_attention.masked_reference import num_blocks
 from mnemax.layers.kernels.dispatch import Impl
 from mnemax.layers.rope import apply_rope
@@ -65,12 +66,7 @@ def compressed_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scores = jnp.einsum("bthd,bnhd->bhtn", q.astype(jnp.float32), kh) * d ** -0.5
     ends = np.arange(k.shape[1]) * config.compress_stride + config.compress_block - 1
     visible = ends[None, :] <= np.arange(seq_len)[:, None]  # [T, nc]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    weights = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    probs = masked_softmax(scores, visible)
     out = jnp.einsum("bhtn,bnhd->bthd", probs, vh).astype(q.dtype)
     return out, probs
 

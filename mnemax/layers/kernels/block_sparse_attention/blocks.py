@@ -25,6 +25,17 @@ from mnemax.layers.kernels.block_sparse_attention.masked_reference import num_bl
 SCORE_ELEMENTS_PER_STEP = 1 << 25
 
 
+
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax of fp32 `scores` over the last axis, over the `visible` entries only; a row with
+    none visible is all zeros (and passes no gradient)."""
+    scores = jnp.where(visible, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    weights = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(denom > 0, denom, 1.0)
+
 def default_query_blocks_per_step(batch: int, heads: int, n: int, block_size: int,
                                   slots: int) -> int:
     """Query blocks per step so that one step's scores stay within `SCORE_ELEMENTS_PER_STEP`."""
@@ -84,12 +95,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array
             visible &= k_pos > q_pos - window
         shape = (*scores.shape[:4], slots * bs)
         scores, visible = scores.reshape(shape), visible.reshape(shape)
-        scores = jnp.where(visible, scores, -jnp.inf)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-        weights = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
-        denom = jnp.sum(weights, axis=-1, keepdims=True)
-        probs = weights / jnp.where(denom > 0, denom, 1.0)
+        probs = masked_softmax(scores, visible)
         values = values.reshape((*values.shape[:3], slots * bs, d))
         out = jnp.einsum("bhiqs,bhisd->bhiqd", probs, values.astype(jnp.float32))
         return out.astype(q.dtype)

@@ -1,4 +1,4 @@
-"""The `mnemax` command line: train, eval, show, compile, plan, launch, data prepare, recipes.
+"""The `mnemax` command line: train, eval, generate, export, show, compile, plan, launch, data.
 
 This is a public interface that scripts depend on; change it only compatibly.
 """
@@ -16,7 +16,8 @@ from mnemax.launch.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S, add_cluster_a
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="built-in recipe name (see `mnemax recipes`) or a .py file")
+    parser.add_argument("recipe", help="built-in recipe name (see `mnemax recipes`), a .py file, "
+                                       "or a run's resolved recipe.json (runs/NAME/recipe.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set model.num_layers=4 "
@@ -35,12 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: runs/RECIPE); a path or a URL such as gs://bucket/run")
     add_cluster_args(train)
 
-    evaluate = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
+    evaluate = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a "
+                                            "run's newest checkpoint")
     _add_recipe_args(evaluate)
     evaluate.add_argument("--run-dir", required=True)
     evaluate.add_argument("--batches", type=int, default=None,
                           help="validation batches (default: the recipe's eval.batches)")
     add_cluster_args(evaluate)
+
+    generate = sub.add_parser("generate", help="sample a continuation of a prompt from a run's "
+                                               "newest checkpoint")
+    _add_recipe_args(generate)
+    generate.add_argument("--run-dir", required=True)
+    generate.add_argument("--prompt", required=True, help="text the continuation follows")
+    generate.add_argument("--max-tokens", type=int, default=128,
+                          help="tokens to generate (default 128; fewer when eos comes first)")
+    generate.add_argument("--temperature", type=float, default=1.0,
+                          help="softmax temperature of the sampling (default 1.0)")
+    generate.add_argument("--top-k", type=int, default=None,
+                          help="sample among the K most likely tokens (default: all)")
+    generate.add_argument("--greedy", action="store_true",
+                          help="take the most likely token every step (deterministic)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    export = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face "
+                                           "LlamaForCausalLM (dense Llama-style recipes)")
+    _add_recipe_args(export)
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--hf", required=True, metavar="OUT",
+                        help="output directory: model.safetensors, config.json, tokenizer files")
 
     launch = sub.add_parser("launch", help="start a multi-process job")
     launch_sub = launch.add_subparsers(dest="launch_command", required=True)
@@ -93,15 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prepare = data_sub.add_parser("prepare", help="tokenize text files into token shards")
+    prepare = data_sub.add_parser(
+        "prepare", help="tokenize a corpus into token streams (seq_len is chosen at train time)")
     prepare.add_argument("--input", required=True,
-                         help="glob of text files, e.g. 'corpus/**/*.txt'")
-    prepare.add_argument("--tokenizer", default="bytes", help="bytes, or a path to tokenizer.json")
-    prepare.add_argument("--seq-len", type=int, required=True)
+                         help="path or glob: .txt (one document per file), .jsonl, .parquet, or "
+                              "a datasets.save_to_disk directory, e.g. 'corpus/**/*.jsonl'")
+    prepare.add_argument("--tokenizer", default="bytes",
+                         help="bytes, or a path to tokenizer.json (bos/eos read from the "
+                              "tokenizer_config.json beside it)")
     prepare.add_argument("--out", required=True,
                          help="output directory (must not exist or be empty)")
     prepare.add_argument("--val-percent", type=float, default=2.0,
-                         help="percent of files held out for validation")
+                         help="percent of documents held out for validation (by text hash)")
+    prepare.add_argument("--text-field", default="text",
+                         help="field holding the text in .jsonl/.parquet/datasets (default text)")
+    prepare.add_argument("--workers", type=int, default=1,
+                         help="tokenizing processes (default 1)")
+    prepare.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                         help="non-UTF-8 text: strict (an error) or replace (U+FFFD)")
     return parser
 
 
@@ -214,16 +247,38 @@ def _cmd_recipes(_args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from mnemax.trainer.data import prepare
 
-    meta = prepare(args.input, args.tokenizer, args.seq_len, args.out,
-                   val_percent=args.val_percent)
-    splits = meta.get("splits", {})
-    for name, split in splits.items():
-        print(f"{name}: {split.get('num_rows')} rows, {split.get('num_tokens')} tokens")
+    meta = prepare(args.input, args.tokenizer, args.out, val_percent=args.val_percent,
+                   text_field=args.text_field, workers=args.workers,
+                   encoding_errors=args.encoding_errors)
+    for name, split in meta["splits"].items():
+        print(f"{name}: {split['num_docs']} documents, {split['num_tokens']} tokens")
     print(f"wrote {args.out}")
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mnemax.launch.generate import Sampling, generate
+    from mnemax.recipes.registry import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_k=args.top_k, greedy=args.greedy, seed=args.seed)
+    print(generate(recipe, args.run_dir, args.prompt, sampling))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mnemax.launch.export_hf import export_hf
+    from mnemax.recipes.registry import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = export_hf(recipe, args.run_dir, args.hf)
+    print(f"wrote {out} (LlamaForCausalLM: model.safetensors, config.json, tokenizer files)")
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "show": _cmd_show, "compile": _cmd_compile,
+            "generate": _cmd_generate, "export": _cmd_export,
             "plan": _cmd_plan, "launch": _cmd_launch,
             "recipes": _cmd_recipes, "data": _cmd_data}
 

@@ -237,6 +237,8 @@ class DecoderBlock(nn.Module):
 
     x + mixer(RMSNorm(x)), then + the sum of the block's FFNs on RMSNorm of that; `aux` merges
     the components' aux dicts. `shared` holds the parameters components share across blocks.
+    Decoding (`cache` given: the mixer's cache, `positions` absolute) returns
+    `(x, aux, new cache)` from the mixer's `decode` (`mnemax.layers.decoding`).
     """
 
     config: TransformerConfig
@@ -244,11 +246,15 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 shared: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, Any]]:
+                 shared: dict[str, jax.Array] | None = None, cache: Any = None) -> tuple:
         cfg, shared = self.config, shared or {}
         ctx = cfg.block_context(self.layer)
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-        mixed, aux = cfg.mixer_component(self.layer).apply(ctx, h, positions, shared)
+        mixer = cfg.mixer_component(self.layer)
+        if cache is None:
+            mixed, aux = mixer.apply(ctx, h, positions, shared)
+        else:
+            mixed, aux, cache = mixer.decode(ctx, h, positions, shared, cache)
         x = x + mixed
         h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
         aux = dict(aux)
@@ -260,7 +266,7 @@ class DecoderBlock(nn.Module):
             aux.update(ffn_aux)
         x = x + ffn
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
-        return x, aux
+        return (x, aux) if cache is None else (x, aux, cache)
 
 
 def combine_layer_aux(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:

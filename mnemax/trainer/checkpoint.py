@@ -112,8 +112,20 @@ def _write_whole_replicas_on_cpu() -> None:
     fake devices take minutes. Accelerators keep the parallel default.
     """
     if jax.devices()[0].platform == "cpu":
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        # Replacing the handler is the point: orbax's "Type handler registry type ... overriding"
+        # warning (absl, on every run) is dropped for this call only.
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_drop_handler_override_warning)
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                override=True)
+        finally:
+            absl_logger.removeFilter(_drop_handler_override_warning)
+
+
+def _drop_handler_override_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Type handler registry type")
 
 
 class Checkpointer:

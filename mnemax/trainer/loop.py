@@ -22,12 +22,14 @@ from mnemax.trainer.checkpoint import (
     is_url,
 )
 from mnemax.trainer.compile_cache import enable_compile_cache
+from mnemax.trainer.console import LOG_FILE, LoggedConsole, make_console
 from mnemax.trainer.data import eval_batches, open_dataset, train_iterator
 from mnemax.trainer.events import EventLog
 from mnemax.trainer.hardware import peak_flops_per_device, peak_memory_bytes
 from mnemax.trainer.metrics import MetricsWriter, format_train_line
 from mnemax.trainer.multiprocess import all_processes, barrier, compile_then_align
 from mnemax.trainer.preemption import StopAgreement
+from mnemax.trainer.profiling import StepProfiler
 from mnemax.trainer.recipe import Recipe, recipe_to_dict
 from mnemax.trainer.setup import TrainProgram, build_program
 
@@ -51,12 +53,35 @@ def check_vocab(recipe: Recipe) -> None:
         )
 
 
-def evaluate_params(program: TrainProgram, state: Any, batches: list[np.ndarray]) -> dict:
-    """Mean validation cross entropy and perplexity of `state`'s model over `batches`."""
-    losses = [program.eval_step(state.params, program.global_batch(b), state.model_state)
-              for b in batches]
+def evaluate_params(program: TrainProgram, state: Any, batches: list[np.ndarray],
+                    byte_lengths: np.ndarray | None = None) -> dict:
+    """Mean validation cross entropy and perplexity of `state`'s model over `batches`, and
+    bits per byte (`eval_bpb`) given each token id's UTF-8 bytes `byte_lengths` `[vocab]`
+    (`mnemax.trainer.bits_per_byte`): the nats of all targets over the bytes they spell."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mnemax.trainer.bits_per_byte import bits_per_byte
+
+    losses, byte_counts, targets = [], [], 0
+    if byte_lengths is not None:
+        table = jax.numpy.asarray(byte_lengths)
+        with jax.set_mesh(program.mesh):  # the rows are global: every process gets the sum
+            count = jax.jit(lambda rows: jax.numpy.sum(jax.numpy.take(table, rows[:, 1:])),
+                            out_shardings=NamedSharding(program.mesh, PartitionSpec()))
+    for b in batches:
+        rows = program.global_batch(b)
+        losses.append(program.eval_step(state.params, rows, state.model_state))
+        targets += rows.shape[0] * (rows.shape[1] - 1)
+        if byte_lengths is not None:
+            with jax.set_mesh(program.mesh):
+                byte_counts.append(count(rows))
     loss = float(np.mean([float(x) for x in losses]))
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if byte_lengths is not None and batches:
+        # Every batch has the same number of targets: the mean loss times their count is the
+        # total nats.
+        result["eval_bpb"] = bits_per_byte(loss, targets, sum(int(c) for c in byte_counts))
+    return result
 
 
 def _json(value: Any) -> Any:
@@ -202,15 +227,15 @@ def train(recipe: Recipe, run_dir: epath.PathLike, *, console: Console | None = 
     `run_dir` (a local path or a URL such as gs://bucket/run).
 
     With several processes (`jax.distributed`), every process calls this; process 0 alone
-    prints, writes `metrics.jsonl`, TensorBoard, `events.jsonl` and `recipe.json`; all of them
-    write their shards of each checkpoint.
+    prints, writes `metrics.jsonl`, `train.log` (what it prints, timestamped), the trackers
+    (TensorBoard, wandb), `events.jsonl`, `recipe.json` and the profile; all of them write
+    their shards of each checkpoint.
     """
     primary = jax.process_index() == 0
-    console = console or Console(highlight=False)
-    if not primary:
-        console = Console(quiet=True)
     enable_compile_cache(recipe.run)
     run_dir = _make_run_dir(run_dir)
+    console = (LoggedConsole(console or make_console(), run_dir / LOG_FILE) if primary
+               else Console(quiet=True))
     events = EventLog(run_dir, primary=primary)
     try:
         return _train(recipe, run_dir, console, devices, events)
@@ -223,6 +248,7 @@ def train(recipe: Recipe, run_dir: epath.PathLike, *, console: Console | None = 
 
 def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
            devices: list[jax.Device] | None, events: EventLog) -> TrainResult:
+    began = time.perf_counter()
     primary = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
     latest = ckpt.latest_step() if recipe.checkpoint.resume else None
@@ -241,7 +267,7 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
                    if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
-    writer = MetricsWriter(run_dir, tensorboard=True, enabled=primary)
+    writer = MetricsWriter(run_dir, trackers=run.trackers, config=recipe_dict, enabled=primary)
 
     restored = (restore_newest_readable(program, ckpt, recipe, console, events)
                 if recipe.checkpoint.resume else None)
@@ -286,20 +312,33 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
     status = "completed"
     step = start
     interval_start, interval_steps = None, 0
+    # Seconds since the last written record spent waiting for batches and saving checkpoints,
+    # and the compile time, written once (in this process's first record).
+    waited = saving = 0.0
+    compile_s: float | None = None
+    first_done: tuple[int, float] | None = None  # (step, time) once the first step finished
     train_step = program.train_step
-    with StopAgreement() as stop:
+    with (StopAgreement() as stop,
+          StepProfiler(run.profile_steps, run_dir, enabled=primary) as profiler):
         while step < run.steps:
+            t0 = time.perf_counter()
             batch = program.global_batch(next(data))
-            if step == start:  # processes start the first step together (multiprocess.py)
-                train_step = compile_then_align(program.train_step, state, batch)
+            waited += time.perf_counter() - t0
+            if step == start:
+                train_step, compile_s = _compile_ahead(program, state, batch)
+                console.print(f"compiled the train step in {compile_s:.2f} s")
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             step += 1
             pending.append((step, metrics))
+            if profiler.after_step(step, metrics):
+                console.print(f"profile of steps {profiler.traced[0]}-{step} written to "
+                              f"{profiler.directory}")
             stopping = stop.should_stop(step)  # every step, on every process
-            if interval_start is None:  # the first step includes compilation: time from after it
+            if interval_start is None:  # the first step runs warm-up work: time from after it
                 jax.block_until_ready(metrics)
                 interval_start, interval_steps = time.perf_counter(), 0
-                console.print(f"first step (compile included) done at step {step}")
+                first_done = (step, interval_start)
             else:
                 interval_steps += 1
 
@@ -347,8 +386,15 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
                         record["peak_memory_gb"] = peak_mem / 1e9
                 if s == step:
                     record.update(evaluation)
+                record.update(data_wait_s=waited, checkpoint_s=saving)
+                waited = saving = 0.0
+                if compile_s is not None:
+                    record["compile_s"], compile_s = compile_s, None
                 writer.write(record)
-                console.print(format_train_line(record, run.steps) + (
+                now = time.perf_counter()
+                console.print(format_train_line(
+                    record, run.steps, elapsed_s=now - began,
+                    eta_s=_eta(first_done, s, now, run.steps)) + (
                     f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
             if evaluation and not logged:
                 writer.write({"step": step, **evaluation})
@@ -364,7 +410,9 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
                 status = "interrupted"
                 break
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+                t0 = time.perf_counter()
                 save(step)
+                saving += time.perf_counter() - t0
 
     if status == "completed":
         save(step)
@@ -376,8 +424,29 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
     return TrainResult(step, status, last_saved)
 
 
+def _compile_ahead(program: TrainProgram, state: Any, batch: jax.Array) -> tuple[Any, float]:
+    """The train step compiled ahead of time for `state` and `batch`, and the seconds its
+    `lower().compile()` took (the load time when the persistent compilation cache has it),
+    returned once every process has compiled it: the processes start the first step together
+    (`mnemax.trainer.multiprocess`)."""
+    t0 = time.perf_counter()
+    compiled = program.train_step.lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+    barrier("first_step_compiled")
+    return compiled, seconds
+
+
+def _eta(first_done: tuple[int, float] | None, step: int, now: float, total: int) -> float | None:
+    """Seconds to step `total` at the pace since the first step finished (compile and warm-up
+    excluded; checkpoints and evaluations included), or None before there is a pace."""
+    if first_done is None or step <= first_done[0]:
+        return None
+    return (total - step) * (now - first_done[1]) / (step - first_done[0])
+
+
 def evaluate(recipe: Recipe, run_dir: epath.PathLike, *, batches: int | None = None) -> dict:
-    """Validation loss of the newest checkpoint in `run_dir` (every process calls it)."""
+    """Validation loss, perplexity and bits per byte of the newest checkpoint in `run_dir`
+    (every process calls it)."""
     enable_compile_cache(recipe.run)
     run_dir = epath.Path(run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
@@ -393,4 +462,15 @@ def evaluate(recipe: Recipe, run_dir: epath.PathLike, *, batches: int | None = N
     if val:
         program = dataclasses.replace(program, eval_step=compile_then_align(
             program.eval_step, state.params, program.global_batch(val[0]), state.model_state))
-    return {"step": step, **evaluate_params(program, state, val)}
+    from mnemax.trainer.bits_per_byte import token_byte_lengths
+    from mnemax.trainer.data import load_tokenizer
+    from mnemax.trainer.run_tokenizer import tokenizer_spec
+
+    spec = tokenizer_spec(recipe.data)
+    try:
+        byte_lengths = token_byte_lengths(load_tokenizer(spec), spec)
+    except MnemaxError as err:  # the tokenizer moved since `data prepare`: the loss still counts
+        byte_lengths = None
+        Console(stderr=True, highlight=False).print(
+            f"bits per byte left out: {err}", markup=False, soft_wrap=True)
+    return {"step": step, **evaluate_params(program, state, val, byte_lengths)}

@@ -1,34 +1,43 @@
-"""Where metrics go: a JSONL file and TensorBoard event files; `format_train_line` makes the
-console line."""
+"""Where metrics go: `metrics.jsonl` and the run's trackers (TensorBoard, wandb);
+`format_train_line` makes the console line."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
 
+from mnemax.trainer.config import Tracker
+from mnemax.trainer.trackers import open_trackers, scalars
+
 
 class MetricsWriter:
-    """Appends `{"step": ..., ...}` records to `run_dir/metrics.jsonl` and TensorBoard.
+    """Appends `{"step": ..., ...}` records to `run_dir/metrics.jsonl` and hands their numeric
+    fields to the trackers named in `trackers` (`mnemax.trainer.trackers`; `config`, the
+    resolved recipe, is wandb's run config).
 
     In a multi-process job only process 0 writes (`enabled=False` elsewhere: every method is
-    then a no-op), so the file has one record per step. `run_dir` may be a URL (gs://...):
-    TensorBoard writes there itself; `metrics.jsonl` is rewritten whole at each record, since
-    object stores cannot append.
+    then a no-op and no tracker is opened), so the file has one record per step. `run_dir` may
+    be a URL (gs://...): TensorBoard writes there itself; `metrics.jsonl` is rewritten whole at
+    each record, since object stores cannot append.
+
+    Besides the step's own metrics the training loop writes, per record, `data_wait_s` (seconds
+    spent fetching batches) and `checkpoint_s` (seconds spent in checkpoint saves), each summed
+    since the previous record, and in the first record of each process `compile_s` (the train
+    step's ahead-of-time `lower().compile()`; a load when the compilation cache has it).
     """
 
-    def __init__(self, run_dir: epath.PathLike, *, tensorboard: bool = True,
-                 enabled: bool = True):
+    def __init__(self, run_dir: epath.PathLike, *,
+                 trackers: Sequence[Tracker] = ("tensorboard",),
+                 config: dict[str, Any] | None = None, enabled: bool = True):
         self.path = epath.Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._local = "://" not in str(run_dir)
-        self._tb = None
-        if tensorboard and enabled:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(epath.Path(run_dir) / "tensorboard"))
+        self.trackers = (open_trackers(trackers, epath.Path(run_dir), config)
+                         if enabled else [])
 
     def truncate_after(self, step: int) -> None:
         """Drops records of steps > `step` (written by a run that died before its next
@@ -50,20 +59,26 @@ class MetricsWriter:
         else:
             old = self.path.read_text() if self.path.exists() else ""
             self.path.write_text(old + line)
-        if self._tb is not None:
-            step = int(record["step"])
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        for tracker in self.trackers:
+            tracker.log(int(record["step"]), scalars(clean))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
-def format_train_line(record: dict[str, Any], total_steps: int) -> str:
-    """`step 120/300 | loss 2.1034 | lr 2.9e-03 | gnorm 0.41 | 21.3k tok/s | MFU 11.2% | 96 ms`"""
+def format_duration(seconds: float) -> str:
+    """`3725.4` -> `1:02:05` (hours:minutes:seconds; hours grow past 24)."""
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def format_train_line(record: dict[str, Any], total_steps: int, *,
+                      elapsed_s: float | None = None, eta_s: float | None = None) -> str:
+    """`step 120/300 | loss 2.1034 | lr 2.90e-03 | gnorm 0.410 | 21.3k tok/s | MFU 11.2% |
+    96 ms/step | elapsed 0:03:12 | ETA 0:04:48`: `elapsed_s` is the wall time since the run
+    (this process) started, `eta_s` the estimated time to `total_steps`."""
     parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}",
              f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}"]
     if "tokens_per_sec" in record:
@@ -74,4 +89,8 @@ def format_train_line(record: dict[str, Any], total_steps: int) -> str:
         parts.append(f"{1e3 * record['step_time_s']:.0f} ms/step")
     if "peak_memory_gb" in record:
         parts.append(f"peak {record['peak_memory_gb']:.1f} GB")
+    if elapsed_s is not None:
+        parts.append(f"elapsed {format_duration(elapsed_s)}")
+    if eta_s is not None and math.isfinite(eta_s):
+        parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)

@@ -54,14 +54,14 @@ def test_run_dir_files_go_to_the_bucket(bucket):
                                                                       ("preemption", 7)]
     assert (bucket / "b" / "runs" / "tiny" / "events.jsonl").exists()
 
-    writer = MetricsWriter(run_dir, tensorboard=False)
+    writer = MetricsWriter(run_dir, trackers=())
     for step in (1, 2, 3):
         writer.write({"step": step, "loss": 5.0 - step})
     writer.truncate_after(2)
     lines = (bucket / "b" / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}]
 
-    quiet = MetricsWriter(run_dir, tensorboard=False, enabled=False)  # not process 0
+    quiet = MetricsWriter(run_dir, trackers=(), enabled=False)  # not process 0
     quiet.write({"step": 9, "loss": 0.0})
     assert len((bucket / "b" / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()) == 2
 

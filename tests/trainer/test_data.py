@@ -1,4 +1,8 @@
-"""Tests of mnemax.trainer.data: tokenizers, prepare, token shards, train and eval batches."""
+"""Tests of mnemax.trainer.data: tokenizers, prepare, packed token streams, train and eval batches.
+
+Input formats, bos/eos and bad-input messages: test_data_formats.py; mixtures:
+test_data_mixture.py.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from mnemax.trainer.data import (
     train_iterator,
 )
 from mnemax.trainer.data.prepare import write_dataset
+from mnemax.trainer.data.sources import resolve_inputs
 
 WORDS = [
     "alpha",
@@ -69,19 +74,24 @@ def write_corpus(root: pathlib.Path, num_files: int, words_per_file: int, seed: 
     return texts
 
 
-def prepared(tmp_path, *, num_files=12, words=60, seq_len=16, shard_rows=7, seed=0):
+def prepared(tmp_path, *, num_files=12, words=60, shard_tokens=7 * 16, seed=0):
     """Prepares a small byte-tokenized corpus; returns (out_dir, metadata, texts)."""
     texts = write_corpus(tmp_path / "corpus", num_files, words, seed)
-    out = tmp_path / f"prepared-s{seq_len}-{seed}"
+    out = tmp_path / f"prepared-{seed}"
     meta = prepare(
         str(tmp_path / "corpus" / "**" / "*.txt"),
         "bytes",
-        seq_len,
         out,
         val_percent=20.0,
-        shard_rows=shard_rows,
+        shard_tokens=shard_tokens,
     )
     return out, meta, texts
+
+
+def stream_of(out: pathlib.Path, meta: dict, split: str) -> np.ndarray:
+    """A split's token stream, read with numpy alone (the reference for TokenDataset)."""
+    files = meta["splits"][split]["files"]
+    return np.concatenate([np.load(out / split / f["file"]) for f in files])
 
 
 def row_ids(dataset) -> dict[bytes, int]:
@@ -109,6 +119,7 @@ def test_byte_tokenizer_round_trip():
 
 @pytest.mark.parametrize("with_eos", [True, False])
 def test_json_tokenizer_round_trip(tmp_path, with_eos):
+    """A bare tokenizer.json (no config beside it): eos from the fallback list, else an error."""
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -122,14 +133,15 @@ def test_json_tokenizer_round_trip(tmp_path, with_eos):
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
 
+    if not with_eos:
+        with pytest.raises(DataError, match="no end-of-document token") as e:
+            load_tokenizer(str(path))
+        assert str(path) in str(e.value) and "tokenizer_config.json" in str(e.value)
+        return
     loaded = load_tokenizer(str(path))
     assert isinstance(loaded, JsonTokenizer)
-    base = tok.get_vocab_size(with_added_tokens=True)
-    if with_eos:
-        assert loaded.eos_id == tok.token_to_id("<|endoftext|>")
-        assert loaded.vocab_size == base
-    else:
-        assert (loaded.eos_id, loaded.vocab_size) == (base, base + 1)
+    assert loaded.eos_id == tok.token_to_id("<|endoftext|>") and loaded.bos_id is None
+    assert loaded.vocab_size == tok.get_vocab_size(with_added_tokens=True)
     text = "alpha héllo 日本 🙂 gamma\n  unseen-words 123"
     ids = loaded.encode(text)
     assert max(ids) < loaded.vocab_size
@@ -147,75 +159,76 @@ def test_load_tokenizer_missing_file(tmp_path):
 
 
 def test_prepare_round_trip(tmp_path):
-    seq_len = 16
-    out, meta, texts = prepared(tmp_path, seq_len=seq_len, shard_rows=7)
+    out, meta, texts = prepared(tmp_path, shard_tokens=100)
     tok = ByteTokenizer()
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
-    assert meta["seq_len"] == seq_len and meta["dtype"] == "uint16"
     assert meta == json.loads((out / "metadata.json").read_text())
-    # Files: each in exactly one split, both non-empty, each split in sorted relative-path order.
-    assert sorted(train["files"] + val["files"]) == sorted(texts)
-    assert train["files"] and val["files"] and train["files"] == sorted(train["files"])
-    assert train["num_files"] == len(train["files"])
+    assert meta["format_version"] == 2 and meta["dtype"] == "uint16" and "seq_len" not in meta
+    docs = {}
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        arrays = [np.load(out / split / f["file"]) for f in info["files"]]
+        assert all(a.dtype == np.uint16 and a.ndim == 1 for a in arrays)
+        # Files are shard_tokens long but the last.
+        assert [len(a) for a in arrays[:-1]] == [100] * (len(arrays) - 1) and len(arrays) > 1
+        stream = np.concatenate(arrays)
+        assert len(stream) == info["num_tokens"] and stream[-1] == tok.eos_id
+        # Documents are the text's bytes + eos, in sorted path order (none held back: val is
+        # non-empty by the hash rule, asserted below).
+        decoded = [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == 256) + 1)[:-1]]
+        assert len(decoded) == info["num_docs"]
+        docs[split] = decoded
+    # Each document in exactly one split, by sha256 of its text (computed here independently).
+    in_val = {t: int(hashlib.sha256(t.encode()).hexdigest()[:16], 16) / 2**64 < 0.2
+              for t in texts.values()}
+    assert 0 < sum(in_val.values()) < len(texts)
+    for split, want_val in (("train", False), ("val", True)):
+        assert docs[split] == [texts[r] for r in sorted(texts) if in_val[texts[r]] == want_val]
 
-    shards = [np.load(out / "train" / s["file"]) for s in train["shards"]]
-    assert len(shards) > 1 and all(a.dtype == np.uint16 for a in shards)
-    assert [len(a) for a in shards] == [s["rows"] for s in train["shards"]]
-    rows = np.concatenate(shards)
-    assert rows.shape == (train["num_rows"], seq_len + 1)
-    # Consecutive rows share one boundary token: no target is lost or duplicated.
-    np.testing.assert_array_equal(rows[1:, 0], rows[:-1, -1])
-    stream = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
 
-    expected = []
-    for rel in train["files"]:
-        expected += [*tok.encode(texts[rel]), tok.eos_id]
-    assert train["num_tokens"] == len(expected)
-    assert train["num_rows"] == (len(expected) - 1) // seq_len  # only the partial row dropped
-    np.testing.assert_array_equal(stream, expected[: len(stream)])
-
-    # Decoding document by document gives back the train files' text, in order.
-    docs = np.split(stream, np.flatnonzero(stream == tok.eos_id))
-    decoded = [tok.decode(d) for d in docs]
-    for rel, doc in zip(train["files"], decoded[:-1], strict=False):
-        assert doc == texts[rel]
-    assert texts[train["files"][len(decoded) - 1]].startswith(decoded[-1][:-1])
-
-    # open_dataset reads the same rows, as int32.
-    ds = open_dataset(DataConfig(source=str(out), seq_len=seq_len), "train")
-    assert (len(ds), ds.seq_len, ds.vocab_size, ds.eos_id) == (len(rows), seq_len, 257, 256)
-    assert ds[0].dtype == np.int32
-    for i in [0, 6, 7, len(rows) - 1]:
-        np.testing.assert_array_equal(ds[i], rows[i])
-    np.testing.assert_array_equal(ds.rows(np.array([8, 0, 13])), rows[[8, 0, 13]])
+def test_packing_at_two_seq_lens(tmp_path):
+    """One prepared dataset serves any seq_len: row k = stream[k*L : k*L + L + 1], rows cross
+    file boundaries, and every token after the first is a target exactly once."""
+    out, meta, _ = prepared(tmp_path, words=40, shard_tokens=37)
+    stream = stream_of(out, meta, "train")
+    for seq_len in (8, 13):
+        ds = open_dataset(DataConfig(source=str(out), seq_len=seq_len), "train")
+        n = (len(stream) - 1) // seq_len
+        assert (len(ds), ds.seq_len, ds.vocab_size, ds.eos_id) == (n, seq_len, 257, 256)
+        rows = ds.rows(np.arange(n))
+        assert rows.dtype == np.int32 and rows.shape == (n, seq_len + 1)
+        want = np.stack([stream[k * seq_len: k * seq_len + seq_len + 1] for k in range(n)])
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(rows[1:, 0], rows[:-1, -1])
+        np.testing.assert_array_equal(np.concatenate([rows[0], rows[1:, 1:].ravel()]),
+                                      stream[: n * seq_len + 1])
+        np.testing.assert_array_equal(ds[n - 1], want[-1])
+        np.testing.assert_array_equal(ds.rows(np.array([3, 0, 3])), want[[3, 0, 3]])
+        batch = next(train_iterator(DataConfig(source=str(out), seq_len=seq_len,
+                                               global_batch=4)))
+        assert batch.shape == (4, seq_len + 1)
 
 
 def test_prepare_split_is_machine_independent(tmp_path):
     texts_a = write_corpus(tmp_path / "a", 30, 20)
     write_corpus(tmp_path / "b" / "nested", 30, 20)
-    meta_a = prepare(str(tmp_path / "a" / "**" / "*.txt"), "bytes", 8, tmp_path / "oa")
-    meta_b = prepare(sorted((tmp_path / "b").rglob("*.txt")), "bytes", 8, tmp_path / "ob")
-    assert meta_a["splits"]["val"]["files"] == meta_b["splits"]["val"]["files"]
-    assert len(meta_a["splits"]["val"]["files"]) >= 1
-    assert len(meta_a["splits"]["train"]["files"]) + len(meta_a["splits"]["val"]["files"]) == len(
-        texts_a
-    )
+    meta_a = prepare(str(tmp_path / "a" / "**" / "*.txt"), "bytes", tmp_path / "oa")
+    meta_b = prepare(sorted((tmp_path / "b").rglob("*.txt")), "bytes", tmp_path / "ob")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(stream_of(tmp_path / "oa", meta_a, split),
+                                      stream_of(tmp_path / "ob", meta_b, split))
+    assert meta_a["splits"]["val"]["num_docs"] >= 1
+    num_docs = meta_a["splits"]["train"]["num_docs"] + meta_a["splits"]["val"]["num_docs"]
+    assert num_docs == len(texts_a)
 
 
 def test_publish_race_uses_winner(tmp_path):
     files = [tmp_path / f"{i}.txt" for i in range(3)]
     for i, f in enumerate(files):
         f.write_text(f"document {i} " * 20)
-    kwargs = dict(
-        tokenizer="bytes",
-        seq_len=8,
-        out_dir=tmp_path / "out",
-        val_percent=2.0,
-        shard_rows=100,
-        source="test",
-    )
-    meta1, created1 = write_dataset(files, tmp_path, **kwargs)
-    meta2, created2 = write_dataset(files, tmp_path, **kwargs)
+    sources = resolve_inputs(files)
+    kwargs = dict(tokenizer="bytes", out_dir=tmp_path / "out", val_percent=2.0, source="test")
+    meta1, created1 = write_dataset(sources, **kwargs)
+    meta2, created2 = write_dataset(sources, **kwargs)
     assert (created1, created2) == (True, False)
     assert meta1 == meta2
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # loser cleaned up
@@ -230,9 +243,9 @@ def collect(it, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("words", [400, 5])  # 40: 12 batches of 4 span more than one epoch
 def test_train_iterator_resume_bitwise(tmp_path, words):
-    out, meta, _ = prepared(tmp_path, words=words)
+    out, _, _ = prepared(tmp_path, words=words)
     cfg = DataConfig(source=str(out), seq_len=16, global_batch=4, seed=3)
-    num_rows = meta["splits"]["train"]["num_rows"]
+    num_rows = len(open_dataset(cfg, "train"))
     assert (num_rows < 12 * 4) == (words == 5)
 
     it = train_iterator(cfg)
@@ -331,12 +344,21 @@ def test_error_dir_without_metadata(tmp_path):
     assert "mnemax data prepare" in str(e.value)
 
 
-def test_error_seq_len_mismatch(tmp_path):
-    out, _, _ = prepared(tmp_path, seq_len=16)
-    with pytest.raises(DataError, match="prepared with seq_len 16") as e:
-        open_dataset(DataConfig(source=str(out), seq_len=32), "train")
+def test_error_format_version_1(tmp_path):
+    """Datasets of the old format (rows of a fixed seq_len) are refused with 'prepare again'."""
+    old = tmp_path / "old"
+    (old / "train").mkdir(parents=True)
+    rows = np.arange(3 * 17, dtype=np.uint16).reshape(3, 17)
+    np.save(old / "train" / "shard_00000.npy", rows)
+    split = {"num_rows": 3, "shards": [{"file": "shard_00000.npy", "rows": 3}]}
+    (old / "metadata.json").write_text(json.dumps({
+        "format_version": 1, "seq_len": 16, "vocab_size": 257, "eos_id": 256,
+        "splits": {"train": split, "val": split}}))
+    with pytest.raises(DataError, match="format_version 1") as e:
+        open_dataset(DataConfig(source=str(old), seq_len=16), "train")
     msg = str(e.value)
-    assert "asks for seq_len 32" in msg and "--seq-len 32" in msg and "data.seq_len=16" in msg
+    assert str(old) in msg and "seq_len 16" in msg and "prepare the corpus again" in msg
+    assert "mnemax data prepare" in msg
 
 
 def test_error_unknown_split(tmp_path):
@@ -348,7 +370,7 @@ def test_error_unknown_split(tmp_path):
 def test_error_glob_matches_nothing(tmp_path):
     pattern = str(tmp_path / "empty" / "**" / "*.txt")
     with pytest.raises(DataError, match="matches no files") as e:
-        prepare(pattern, "bytes", 16, tmp_path / "out")
+        prepare(pattern, "bytes", tmp_path / "out")
     assert pattern in str(e.value) and "quote the glob" in str(e.value)
 
 
@@ -358,18 +380,21 @@ def test_error_nonempty_out_dir(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty") as e:
-        prepare(str(tmp_path / "corpus" / "**" / "*.txt"), "bytes", 16, out)
+        prepare(str(tmp_path / "corpus" / "**" / "*.txt"), "bytes", out)
     assert str(out) in str(e.value) and "another --out" in str(e.value)
     assert "delete" in str(e.value)
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_error_corpus_too_small_leaves_nothing(tmp_path):
-    write_corpus(tmp_path / "corpus", 4, 5)
-    with pytest.raises(DataError, match="too small for seq_len 4096") as e:
-        prepare(str(tmp_path / "corpus" / "**" / "*.txt"), "bytes", 4096, tmp_path / "out")
-    assert "--seq-len" in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no out or tmp dir left
+def test_error_corpus_too_small_for_seq_len(tmp_path):
+    out, _, _ = prepared(tmp_path, words=5)
+    cfg = DataConfig(source=str(out), seq_len=4096, global_batch=4)
+    with pytest.raises(DataError, match="has 0 rows of seq_len 4096") as e:
+        train_iterator(cfg)
+    assert "data.seq_len" in str(e.value)
+    with pytest.raises(DataError, match="less than one row") as e:
+        eval_batches(cfg, 1)
+    assert "lower data.seq_len" in str(e.value)
 
 
 def test_error_global_batch_not_divisible(tmp_path):
@@ -383,9 +408,9 @@ def test_error_global_batch_not_divisible(tmp_path):
 
 
 def test_error_train_smaller_than_batch(tmp_path):
-    out, meta, _ = prepared(tmp_path, words=5)
-    rows = meta["splits"]["train"]["num_rows"]
-    with pytest.raises(DataError, match=f"has {rows} rows, fewer than one batch"):
+    out, _, _ = prepared(tmp_path, words=5)
+    rows = len(open_dataset(DataConfig(source=str(out), seq_len=16), "train"))
+    with pytest.raises(DataError, match=f"has {rows} rows of seq_len 16, fewer than one batch"):
         train_iterator(DataConfig(source=str(out), seq_len=16, global_batch=rows + 1))
 
 
@@ -433,7 +458,7 @@ def test_stdlib_dataset_builds_deterministically(tmp_path, monkeypatch):
         assert elapsed < 30, f"building the stdlib corpus took {elapsed:.1f}s"
         val = open_dataset(cfg, "val")
         py = f"py{sys.version_info.major}.{sys.version_info.minor}"
-        assert train.directory.name == f"stdlib-{py}-bytes-s128-v2.0"
+        assert train.directory.name == f"stdlib-{py}-bytes-v2.0-f2"  # no seq_len in the name
         assert train.metadata["splits"]["train"]["num_tokens"] > 1_000_000
         assert len(val) > 0
         digests.append(_dataset_digest(train.directory))

@@ -34,6 +34,7 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mnemax.launch.cli", *args]
 
 
+@pytest.mark.optimized_xla  # 50 steps of the full tiny model: running, not compiling
 def test_tiny_recipe_trains(tmp_path):
     recipe = load_recipe("tiny", ["run.steps=50", "run.log_every=1", "eval.every=25",
                                   "checkpoint.every=0"])
@@ -161,15 +162,14 @@ def test_missing_data_dir_is_reported(tmp_path, capsys):
 
 
 def test_prepare_then_train_and_eval_on_it(tmp_path, capsys):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    corpus = tmp_path / "corpus.jsonl"  # one document per line, split per document
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "memory", "layer", "key", "value"]
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)) + "\n")
+    corpus.write_text("".join(json.dumps({"body": " ".join(rng.choice(words, 600))}) + "\n"
+                              for _ in range(6)))
     out = tmp_path / "tokens"
-    assert main(["data", "prepare", "--input", str(corpus / "*.txt"), "--tokenizer", "bytes",
-                 "--seq-len", "32", "--out", str(out), "--val-percent", "20"]) == 0
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", "bytes",
+                 "--text-field", "body", "--out", str(out), "--val-percent", "20"]) == 0
     assert (out / "metadata.json").exists()
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), "--set", f"data.source={out}"]

@@ -6,11 +6,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import flax.linen as nn
+import flax.struct
 import jax
+import jax.numpy as jnp
 
+from mnemax.layers import axes
 from mnemax.layers import checkpoint_names as names
 from mnemax.layers.attention import AttentionImpl, GroupedQueryAttention
 from mnemax.layers.components.base import BlockContext, Component, register
+from mnemax.layers.rope import apply_rope
 
 
 def attention_param_count(d_model: int, num_heads: int, num_kv_heads: int,
@@ -25,6 +30,49 @@ def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
     w = seq_len if window is None else min(window, seq_len)
     # Positions t < w see t + 1 keys; the seq_len - w later ones see w each.
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Keys (after RoPE) and values of every position decoded so far, `[batch, max_len,
+    kv_heads, head_dim]`; positions not yet written hold zeros and are masked out."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class CachedAttention(GroupedQueryAttention):
+    """The same attention (parameters `q`, `k`, `v`, `o`) over a KV cache: `x` `[batch, t,
+    embed]` at absolute `positions` `[t]` (contiguous) -> (`[batch, t, embed]`, new cache).
+
+    Keys of the new tokens are written at their positions; query i sees cached positions
+    <= its own (and > its own - window in a sliding window), as the causal mask of the full
+    forward, so its output equals the full forward's at that position.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: KVCache) -> tuple[jax.Array, KVCache]:
+        q = apply_rope(self.project(x, "q", self.num_heads, axes.HEADS), positions,
+                       self.rope_theta)
+        k = apply_rope(self.project(x, "k", self.num_kv_heads, axes.KV_HEADS), positions,
+                       self.rope_theta)
+        v = self.project(x, "v", self.num_kv_heads, axes.KV_HEADS)
+        start = positions[0]
+        cache = KVCache(
+            k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, 1),
+            v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, 1))
+        batch, time, heads, dim = q.shape
+        group = heads // self.num_kv_heads
+        q = q.reshape(batch, time, self.num_kv_heads, group, dim)
+        scores = jnp.einsum("btkgd,blkd->bkgtl", q, cache.k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
+        key_pos = jnp.arange(cache.k.shape[1])
+        seen = key_pos[None, :] <= positions[:, None]  # [t, max_len]
+        if self.window is not None:
+            seen &= key_pos[None, :] > positions[:, None] - self.window
+        weights = jax.nn.softmax(jnp.where(seen, scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("bkgtl,blkd->btkgd", weights.astype(q.dtype), cache.v.astype(q.dtype))
+        return self.output(out.reshape(batch, time, heads, dim), x.shape[-1]), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +112,22 @@ class AttentionMixer(Component):
             rope_theta=self.rope_theta, init_std=self.init_std, out_init_std=ctx.out_init_std,
             impl=self.impl, window=self.window, name=self.module_name)
         return module(x, positions)
+
+    def init_cache(self, ctx: BlockContext, batch: int, max_len: int,
+                   dtype: Any = None) -> KVCache:
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype or jnp.float32),
+                       v=jnp.zeros(shape, dtype or jnp.float32))
+
+    def decode(self, ctx: BlockContext, x: jax.Array, positions: jax.Array,
+               shared: dict[str, jax.Array],
+               cache: KVCache) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
+        module = CachedAttention(
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            rope_theta=self.rope_theta, init_std=self.init_std, out_init_std=ctx.out_init_std,
+            window=self.window, name=self.module_name)
+        out, cache = module(x, positions, cache)
+        return out, {}, cache
 
     def param_count(self, ctx: BlockContext) -> int:
         return attention_param_count(ctx.model.d_model, self.num_heads, self.num_kv_heads,

@@ -14,6 +14,9 @@ frozen config registered by name, in the manner of torchtitan's `Configurable.bu
   `shared_params(model)` and counted once by the model;
 - `update_state(state, stats)`: its non-parameter state (MODEL_STATE variables) after a step,
   from the statistics it recorded (STATE_STATS), once per step whatever the micro-batching;
+- mixers only, for decoding: `init_cache(ctx, batch, max_len, dtype)` (None: no cache; the
+  model then recomputes its whole forward per token) and `decode(ctx, x, positions, shared,
+  cache)`, the same output as `apply` for tokens that continue the cached ones;
 - class-level declarations: `remat_names` (the `checkpoint_name` tags it sets), `aux_keys`
   (the names it puts in `aux`), `axis_roles` (the optimizer role of parameters with one of its
   own logical axes, see `mnemax.layers.roles`), `axis_sharding` (each new logical axis it
@@ -116,9 +119,20 @@ class Component:
         (scanned) blocks are updated one block at a time (`jax.vmap`)."""
         return state
 
-    def init_cache(self, ctx: BlockContext, batch: int) -> Any:
-        """The decoding cache of this component for `batch` sequences (None: no cache)."""
+    def init_cache(self, ctx: BlockContext, batch: int, max_len: int,
+                   dtype: Any = None) -> Any:
+        """Mixers: the decoding cache of this component for `batch` sequences of up to
+        `max_len` tokens, activations in `dtype` (None: float32). None: it has no cache, and a
+        model holding it decodes by recomputing the whole forward (`mnemax.layers.decoding`)."""
         return None
+
+    def decode(self, ctx: BlockContext, x: jax.Array, positions: jax.Array,
+               shared: dict[str, jax.Array],
+               cache: Any) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        """Mixers with a cache: `x` `[batch, t, embed]` at absolute `positions` `[t]` (they
+        continue the tokens `cache` holds) -> (output `[batch, t, embed]`, aux, new cache).
+        Called inside the block's `nn.compact` body with the parameters `apply` creates."""
+        raise NotImplementedError(f"{type(self).__name__} has no decoding cache")
 
 
 MIXERS: dict[str, type[Component]] = {}

@@ -6,10 +6,17 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 from mnemax.layers import checkpoint_names as names
 from mnemax.layers.components.base import BlockContext, Component, register
-from mnemax.layers.gated_delta import CONV, GatedDeltaConfig, GatedDeltaNet, init_cache
+from mnemax.layers.gated_delta import (
+    CONV,
+    GatedDeltaCache,
+    GatedDeltaConfig,
+    GatedDeltaNet,
+    init_cache,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +49,16 @@ class GatedDeltaMixer(Component):
     def flops_per_token(self, ctx: BlockContext, seq_len: int) -> float:
         return self.config.flops_per_token(ctx.model.d_model)
 
-    def init_cache(self, ctx: BlockContext, batch: int) -> Any:
-        return init_cache(self.config, batch)
+    def init_cache(self, ctx: BlockContext, batch: int, max_len: int,
+                   dtype: Any = None) -> GatedDeltaCache:
+        """The conv history and the recurrent state: fixed size, whatever `max_len`."""
+        return init_cache(self.config, batch, dtype or jnp.float32)
+
+    def decode(self, ctx: BlockContext, x: jax.Array, positions: jax.Array,
+               shared: dict[str, jax.Array],
+               cache: GatedDeltaCache) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        out, cache = GatedDeltaNet(self.config, name=self.module_name)(x, cache)
+        return out, {}, cache
 
 
 register(GatedDeltaMixer)

@@ -13,7 +13,8 @@ import sys
 import sysconfig
 
 from mnemax.trainer.data.config import DataConfig
-from mnemax.trainer.data.prepare import write_dataset
+from mnemax.trainer.data.prepare import FORMAT_VERSION, write_dataset
+from mnemax.trainer.data.sources import Source
 
 _SUFFIXES = (".py", ".txt", ".rst")
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -45,7 +46,11 @@ def cache_root() -> pathlib.Path:
 
 
 def stdlib_dataset_name(cfg: DataConfig) -> str:
-    """E.g. `stdlib-py3.11-bytes-s256-v2.0`; a tokenizer.json is named by its content hash."""
+    """E.g. `stdlib-py3.11-bytes-v2.0-f2`; a tokenizer.json is named by its content hash.
+
+    No seq_len: rows are cut at load time, so every seq_len shares one cached token stream.
+    `f2` is the format version, so a stream of another format is never mistaken for this one.
+    """
     if cfg.tokenizer == "bytes":
         tok = "bytes"
     else:
@@ -53,7 +58,7 @@ def stdlib_dataset_name(cfg: DataConfig) -> str:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "x"
         tok = f"{path.stem}-{digest}"
     py = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    return f"stdlib-{py}-{tok}-s{cfg.seq_len}-v{cfg.val_percent}"
+    return f"stdlib-{py}-{tok}-v{cfg.val_percent}-f{FORMAT_VERSION}"
 
 
 def ensure_stdlib_dataset(cfg: DataConfig) -> pathlib.Path:
@@ -66,14 +71,16 @@ def ensure_stdlib_dataset(cfg: DataConfig) -> pathlib.Path:
     if (out / "metadata.json").is_file():
         return out
     root = stdlib_root()
+    # Empty files (many __init__.py) are no documents; prepare refuses them in user corpora.
+    sources = [Source(f, f.relative_to(root).as_posix(), "text")
+               for f in stdlib_corpus_files() if f.stat().st_size]
     write_dataset(
-        stdlib_corpus_files(),
-        root,
+        sources,
         tokenizer=cfg.tokenizer,
-        seq_len=cfg.seq_len,
         out_dir=out,
         val_percent=cfg.val_percent,
-        shard_rows=65536,
         source=f"stdlib:{root}",
+        encoding_errors="replace",  # A few stdlib test files are deliberately not UTF-8.
+        progress=False,
     )
     return out

@@ -267,6 +267,7 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
                    if recipe.eval.every > 0 and recipe.eval.batches > 0 else [])
+    byte_lengths = _byte_lengths(recipe, console) if val_batches else None
     writer = MetricsWriter(run_dir, trackers=run.trackers, config=recipe_dict, enabled=primary)
 
     restored = (restore_newest_readable(program, ckpt, recipe, console, events)
@@ -369,7 +370,8 @@ def _train(recipe: Recipe, run_dir: epath.Path, console: Console,
             # end, whether or not the step is also a logging step.
             eval_due = bool(val_batches) and (step % recipe.eval.every == 0
                                               or step == run.steps)
-            evaluation = evaluate_params(program, state, val_batches) if eval_due else {}
+            evaluation = (evaluate_params(program, state, val_batches, byte_lengths)
+                          if eval_due else {})
             logged = False
             for s, m in host:
                 if s % run.log_every and s != run.steps:
@@ -462,15 +464,21 @@ def evaluate(recipe: Recipe, run_dir: epath.PathLike, *, batches: int | None = N
     if val:
         program = dataclasses.replace(program, eval_step=compile_then_align(
             program.eval_step, state.params, program.global_batch(val[0]), state.model_state))
+    byte_lengths = _byte_lengths(recipe, Console(stderr=True, highlight=False))
+    return {"step": step, **evaluate_params(program, state, val, byte_lengths)}
+
+
+def _byte_lengths(recipe: Recipe, console: Console) -> np.ndarray | None:
+    """UTF-8 bytes of each token id of the recipe's tokenizer (for bits per byte), or None,
+    said on `console`, when that tokenizer cannot be loaded (moved since `data prepare`): the
+    loss still counts."""
     from mnemax.trainer.bits_per_byte import token_byte_lengths
     from mnemax.trainer.data import load_tokenizer
     from mnemax.trainer.run_tokenizer import tokenizer_spec
 
     spec = tokenizer_spec(recipe.data)
     try:
-        byte_lengths = token_byte_lengths(load_tokenizer(spec), spec)
-    except MnemaxError as err:  # the tokenizer moved since `data prepare`: the loss still counts
-        byte_lengths = None
-        Console(stderr=True, highlight=False).print(
-            f"bits per byte left out: {err}", markup=False, soft_wrap=True)
-    return {"step": step, **evaluate_params(program, state, val, byte_lengths)}
+        return token_byte_lengths(load_tokenizer(spec), spec)
+    except MnemaxError as err:
+        console.print(f"bits per byte left out: {err}", markup=False, soft_wrap=True)
+        return None

@@ -48,6 +48,14 @@ def test_tiny_recipe_trains(tmp_path):
     assert last < first - 2.0, (first, last)
     assert last < UNIGRAM_ENTROPY_NATS
     assert metrics[25]["eval_loss"] < first - 1.0
+    # Bits per byte of the byte tokenizer: the eval targets' nats over the bytes they spell,
+    # i.e. every target but eos (id 256) is one byte.
+    from mnemax.trainer.data import eval_batches
+
+    targets = np.concatenate([b[:, 1:] for b in eval_batches(recipe.data, recipe.eval.batches)])
+    spelled = int(np.sum(targets != 256))
+    assert metrics[25]["eval_bpb"] == pytest.approx(
+        metrics[25]["eval_loss"] * targets.size / spelled / np.log(2), rel=1e-6)
     for key in ("tokens_per_sec", "mfu", "lr", "grad_norm"):
         assert key in metrics[50]
     assert (tmp_path / "recipe.json").exists()

@@ -169,12 +169,40 @@ def test_missing_data_dir_is_reported(tmp_path, capsys):
     assert str(missing) in err and "does not exist" in err and "mnemax data prepare" in err
 
 
-def test_prepare_then_train_and_eval_on_it(tmp_path, capsys):
-    corpus = tmp_path / "corpus.jsonl"  # one document per line, split per document
+def _write_corpus(tmp_path: Path, kind: str) -> Path:
+    """Six documents of 600 random words, in the input format `kind`, under `tmp_path`; the
+    text field is `body`."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "memory", "layer", "key", "value"]
-    corpus.write_text("".join(json.dumps({"body": " ".join(rng.choice(words, 600))}) + "\n"
-                              for _ in range(6)))
+    docs = [" ".join(rng.choice(words, 600)) for _ in range(6)]
+    if kind == "jsonl":  # one document per line, split per document
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"body": docs}), path)
+    elif kind == "txt":  # one document per file
+        path = tmp_path / "corpus"
+        path.mkdir()
+        for i, d in enumerate(docs):
+            (path / f"{i}.txt").write_text(d)
+        path = path / "*.txt"
+    else:
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt", "save_to_disk"])
+def test_prepare_then_train_and_eval_on_it(tmp_path, capsys, kind):
+    # The train and eval programs are the same for every format: after the first, they load
+    # from the suite's compilation cache.
+    corpus = _write_corpus(tmp_path, kind)
     out = tmp_path / "tokens"
     assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", "bytes",
                  "--text-field", "body", "--out", str(out), "--val-percent", "20"]) == 0

@@ -4,7 +4,9 @@ text or bytes: `mnemax generate`, `export`, bits per byte in `eval`)."""
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+
+from etils import epath
 
 from mnemax.trainer.data import DataConfig, Tokenizer, load_tokenizer
 
@@ -18,8 +20,8 @@ def tokenizer_spec(data: DataConfig) -> str:
 
         sources = [source for source, _ in parse_mixture(data.mixture)]
     if sources[0] != "stdlib":
-        meta = pathlib.Path(sources[0]).expanduser() / "metadata.json"
-        if meta.is_file():
+        meta = epath.Path(os.path.expanduser(sources[0])) / "metadata.json"  # or a URL
+        if meta.exists():
             spec = json.loads(meta.read_text()).get("tokenizer", {}).get("spec")
             if spec:
                 return spec

@@ -8,6 +8,7 @@ import sys
 
 import fsspec  # noqa: F401  (loads fsspec.registry)
 import pytest
+from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -39,7 +40,12 @@ def bucket(tmp_path, monkeypatch):
     registry = sys.modules["fsspec.registry"]._registry  # fsspec.registry is a read-only view
     for protocol in PROTOCOLS:
         monkeypatch.setitem(registry, protocol, LocalBucket)  # undone after the test
-    return tmp_path
+    # epath keeps the filesystem it got for a protocol: drop it, or a test gets the bucket of
+    # the one before.
+    cached = epath_backend._FileSystemSpecBackend._get_filesystem
+    cached.cache_clear()
+    yield tmp_path
+    cached.cache_clear()
 
 
 def test_run_dir_files_go_to_the_bucket(bucket):
@@ -65,3 +71,39 @@ def test_run_dir_files_go_to_the_bucket(bucket):
     quiet.write({"step": 9, "loss": 0.0})
     assert len((bucket / "b" / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()) == 2
 
+
+
+def test_data_source_in_a_bucket_gives_the_batches_of_the_local_copy(bucket, tmp_path,
+                                                                     monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from mnemax.errors import DataError
+    from mnemax.trainer.data import DataConfig, eval_batches, train_iterator
+    from mnemax.trainer.data.prepare import prepare
+
+    monkeypatch.setenv("MNEMAX_CACHE", str(tmp_path / "cache"))  # the mirror goes here
+    corpus = tmp_path / "corpus.jsonl"
+    rng = np.random.default_rng(0)
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(["ab", "cde", "f"], 300))})
+                              + "\n" for _ in range(8)))
+    prepare(str(corpus), "bytes", bucket / "b" / "data", val_percent=25)  # gs://b/data
+    local = DataConfig(source=str(bucket / "b" / "data"), seq_len=16, global_batch=4)
+    remote = dataclasses.replace(local, source="gs://b/data")
+
+    got, want = train_iterator(remote), train_iterator(local)
+    for _ in range(5):
+        np.testing.assert_array_equal(next(got), next(want))
+    assert got.get_state() == want.get_state()
+    np.testing.assert_array_equal(eval_batches(remote, 2), eval_batches(local, 2))
+    mirrors = list((tmp_path / "cache" / "remote").iterdir())
+    assert len(mirrors) == 1 and (mirrors[0] / "metadata.json").is_file()
+    assert not list(mirrors[0].rglob(".*tmp-*"))  # only whole copies under final names
+
+    # A mixture may name a URL too.
+    mixed = dataclasses.replace(local, mixture=f"gs://b/data:0.5,{local.source}:0.5")
+    assert next(train_iterator(mixed)).shape == (4, 17)
+
+    with pytest.raises(DataError, match=r"gs://b/nothing has no metadata\.json.*copy DIR"):
+        train_iterator(dataclasses.replace(local, source="gs://b/nothing"))

@@ -12,6 +12,7 @@ from mnemax.trainer.data.config import DataConfig
 from mnemax.trainer.data.corpus import ensure_stdlib_dataset
 from mnemax.trainer.data.mixture import parse_mixture
 from mnemax.trainer.data.prepare import FORMAT_VERSION, SPLITS
+from mnemax.trainer.data.remote import is_url, mirror_split
 
 _PREPARE_HINT = "run `mnemax data prepare --input 'corpus/**/*.txt' --out {dir}`"
 
@@ -146,6 +147,8 @@ def read_metadata(directory: pathlib.Path) -> dict:
 def _open_one(cfg: DataConfig, source: str, split: str) -> TokenDataset:
     if source == "stdlib":
         directory = ensure_stdlib_dataset(cfg)
+    elif is_url(source):  # gs://bucket/data: read from a local mirror (remote.py)
+        directory = mirror_split(source, split)
     else:
         directory = pathlib.Path(source).expanduser()
     metadata = read_metadata(directory)

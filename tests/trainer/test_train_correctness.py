@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from mnemax.errors import CheckpointError
-from mnemax.layers.components.attention import mean_keys_attended
+from mnemax.layers.components.attention import (
+    mean_keys_attended,
+    mean_keys_read,
+    sliding_window_block,
+)
 from mnemax.layers.transformer import TransformerConfig
 from mnemax.recipes.registry import load_recipe
 from mnemax.trainer.checkpoint import Checkpointer
@@ -117,16 +121,40 @@ def test_unknown_device_kind_has_no_peak():
     assert math.isnan(peak_flops_for_kind("tpu", "TPU v7x"))
 
 
-def test_sliding_window_flops_count_the_keys_each_query_attends():
+def test_sliding_window_flops_count_the_key_blocks_each_query_block_reads():
     for seq_len, window in ((8, 3), (64, 16), (16, 16), (10, 32)):
         brute = np.mean([min(t + 1, window) for t in range(seq_len)])
         assert mean_keys_attended(seq_len, window) == pytest.approx(brute)
     assert mean_keys_attended(8) == pytest.approx(4.5)  # causal: (T + 1) / 2
+
+    def blocks_read(seq_len, window, block):
+        """Per query, the keys of every key block some query of its block sees a key of."""
+        keys = []
+        for q0 in range(0, seq_len, block):
+            queries = range(q0, min(q0 + block, seq_len))
+            seen = {b for q in queries
+                    for b in range(max(0, q - window + 1) // block, q // block + 1)}
+            keys += [sum(min(b * block + block, seq_len) - b * block for b in seen)] * len(
+                queries)
+        return np.mean(keys)
+
+    for seq_len, window, block in ((2048, 700, 512), (1536, 512, 512), (1000, 100, 512),
+                                   (384, 64, 128), (4096, 4096, 512)):
+        assert mean_keys_read(seq_len, window, block) == pytest.approx(
+            blocks_read(seq_len, window, block))
+    assert sliding_window_block(2048) == 512 and sliding_window_block(384) == 128
+    assert sliding_window_block(1000) == 512  # no splash block divides it: the XLA path's
+
     cfg = dict(num_layers=2, d_model=64, num_heads=4, vocab_size=320)
     full = TransformerConfig(**cfg, mixers=("attention",))
-    swa = TransformerConfig(**cfg, mixers=("swa",), sliding_window=16)
-    # Two layers, 4 heads of 16: 12 FLOPs per key per head dim (fwd + bwd) per layer.
-    keys = np.mean([t + 1 for t in range(64)]) - np.mean([min(t + 1, 16) for t in range(64)])
-    assert full.flops_per_token(64) - swa.flops_per_token(64) == pytest.approx(
+    swa = TransformerConfig(**cfg, mixers=("swa",), sliding_window=256)
+    # Two layers, 4 heads of 16: 12 FLOPs per key per head dim (fwd + bwd) per layer. At 4,096
+    # tokens in 512-blocks a query block reads its own key block and the one before (window 256).
+    keys = np.mean([t + 1 for t in range(4096)]) - blocks_read(4096, 256, 512)
+    assert full.flops_per_token(4096) - swa.flops_per_token(4096) == pytest.approx(
         2 * 12 * 4 * 16 * keys)
+    # One block (64 tokens): every key is read, the square, not the causal half.
+    short = TransformerConfig(**cfg, mixers=("swa",), sliding_window=16)
+    assert short.flops_per_token(64) - full.flops_per_token(64) == pytest.approx(
+        2 * 12 * 4 * 16 * (64 - 32.5))
     assert jax.device_count() == 8

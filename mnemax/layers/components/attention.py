@@ -15,6 +15,8 @@ from mnemax.layers import axes
 from mnemax.layers import checkpoint_names as names
 from mnemax.layers.attention import AttentionImpl, GroupedQueryAttention
 from mnemax.layers.components.base import BlockContext, Component, register
+from mnemax.layers.kernels.attention.reference import QUERY_BLOCK
+from mnemax.layers.kernels.attention.splash import block_size
 from mnemax.layers.rope import apply_rope
 
 
@@ -30,6 +32,26 @@ def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
     w = seq_len if window is None else min(window, seq_len)
     # Positions t < w see t + 1 keys; the seq_len - w later ones see w each.
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def sliding_window_block(seq_len: int) -> int:
+    """The block size the sliding-window attention ops tile a sequence by: splash's (the
+    largest of 512, 256, 128 dividing it), else the XLA path's 512-query blocks."""
+    return block_size(seq_len) or QUERY_BLOCK
+
+
+def mean_keys_read(seq_len: int, window: int, block: int) -> float:
+    """Keys a sliding-window query's block reads, averaged over positions: the attention ops
+    tile queries and keys in `block`-row blocks and compute every key block that holds a key
+    some query of the block sees (keys `[start - window + 1, end)` for queries `[start, end)`),
+    masked entries included. A sequence of one block reads every key, as the ops do."""
+    total = 0
+    for start in range(0, seq_len, block):
+        end = min(start + block, seq_len)
+        first_block = max(0, start - window + 1) // block
+        keys = end - first_block * block  # whole key blocks up to the query block's end
+        total += keys * (end - start)
+    return total / seq_len
 
 
 class KVCache(flax.struct.PyTreeNode):
@@ -135,8 +157,11 @@ class AttentionMixer(Component):
 
     def flops_per_token(self, ctx: BlockContext, seq_len: int) -> float:
         """6 x the projections' parameters, plus QK^T and AV: 2 matmuls x 2 FLOPs per
-        multiply-add per key a query attends, x 3 for forward + backward."""
-        keys = mean_keys_attended(seq_len, self.window)
+        multiply-add per key, x 3 for forward + backward. Keys: those a causal query attends
+        (the usual count, half the square), and for a sliding window those of the blocks it
+        reads (`mean_keys_read`), the work the windowed ops do."""
+        keys = (mean_keys_attended(seq_len) if self.window is None
+                else mean_keys_read(seq_len, self.window, sliding_window_block(seq_len)))
         return 6.0 * self.param_count(ctx) + 12.0 * keys * self.num_heads * self.head_dim
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -53,28 +54,35 @@ def check_vocab(recipe: Recipe) -> None:
         )
 
 
+@functools.cache
+def _target_byte_counter(mesh: jax.sharding.Mesh):
+    """`(table [vocab], rows [batch, seq_len + 1]) -> bytes the rows' targets spell`, jitted
+    once per mesh (not once per evaluation); the rows are global and the sum is replicated, so
+    every process gets it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.jit(lambda table, rows: jax.numpy.sum(jax.numpy.take(table, rows[:, 1:])),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def evaluate_params(program: TrainProgram, state: Any, batches: list[np.ndarray],
                     byte_lengths: np.ndarray | None = None) -> dict:
     """Mean validation cross entropy and perplexity of `state`'s model over `batches`, and
     bits per byte (`eval_bpb`) given each token id's UTF-8 bytes `byte_lengths` `[vocab]`
     (`mnemax.trainer.bits_per_byte`): the nats of all targets over the bytes they spell."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from mnemax.trainer.bits_per_byte import bits_per_byte
 
     losses, byte_counts, targets = [], [], 0
     if byte_lengths is not None:
         table = jax.numpy.asarray(byte_lengths)
-        with jax.set_mesh(program.mesh):  # the rows are global: every process gets the sum
-            count = jax.jit(lambda rows: jax.numpy.sum(jax.numpy.take(table, rows[:, 1:])),
-                            out_shardings=NamedSharding(program.mesh, PartitionSpec()))
+        count = _target_byte_counter(program.mesh)
     for b in batches:
         rows = program.global_batch(b)
         losses.append(program.eval_step(state.params, rows, state.model_state))
         targets += rows.shape[0] * (rows.shape[1] - 1)
         if byte_lengths is not None:
             with jax.set_mesh(program.mesh):
-                byte_counts.append(count(rows))
+                byte_counts.append(count(table, rows))
     loss = float(np.mean([float(x) for x in losses]))
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     if byte_lengths is not None and batches:

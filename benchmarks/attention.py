@@ -4,6 +4,7 @@ long sequences, the same number of tokens per step at every length.
     python benchmarks/attention.py [--seq-lens 8192,32768,131072 --tokens 131072]
         [--heads 16 --kv-heads 4 --head-dim 128] [--variants dense,moba,nsa]
         [--dense-impl auto] [--sparse-impl auto] [--iters 3] [--cpu-scale] [--out FILE]
+        [--nsa-query-blocks 16,64] [--keys-only]
 
 Each variant is the layer (projections, RoPE, attention, output projection) on `[B, T, H d]`
 input with B = tokens / T: `GroupedQueryAttention` (`--dense-impl`, auto: the XLA path on
@@ -16,11 +17,19 @@ time, its ratio to dense at the same T, and the FLOPs the layer's block componen
 second. On a GPU compare with `--dense-impl cudnn` (the issue's target is against cuDNN; the
 XLA path holds the T x T scores, which at T = 131072 do not fit). `--cpu-scale` shrinks the
 shape so the run takes minutes on a CPU (said in the output).
+
+`--nsa-query-blocks 16,64` also prints, per T and NSA query group size (`NSAConfig.query_block`),
+the keys each query reads, measured from the block lists the layer builds (forward of one
+sequence, random input and parameters): whole listed blocks of the selection branch (valid
+slots x l', averaged over the tokens of each group), that plus the window branch's listed blocks
+and the compressed tokens (total), against dense causal attention's (T + 1) / 2, and the
+fraction of choices a capped list dropped. `--keys-only` skips the timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import types
 
@@ -34,7 +43,7 @@ from mnemax.layers.components.base import BlockContext
 from mnemax.layers.components.sparse_attention import MoBAMixer, NSAMixer
 from mnemax.layers.sparse_attention import MoBAConfig, NSAConfig
 from mnemax.layers.sparse_attention.moba import MoBAAttention
-from mnemax.layers.sparse_attention.nsa import NSAAttention
+from mnemax.layers.sparse_attention.nsa import DROPPED, NSAAttention, window_lists
 
 VARIANTS = ("dense", "moba", "nsa")
 FULL = {"seq_lens": "8192,32768,131072", "tokens": 131072, "heads": 16, "kv_heads": 4,
@@ -44,11 +53,14 @@ CPU = {"seq_lens": "1024,2048,4096", "tokens": 8192, "heads": 4, "kv_heads": 1,
        "head_dim": 64, "moba_block": 64, "moba_max_blocks": 8, "nsa": "16,8,32,4,64"}
 
 
-def _nsa_config(spec: str, max_blocks: int | None) -> NSAConfig:
-    """`l,d,l',n,w` -> NSAConfig (compress block, stride, select block, blocks, window)."""
+def _nsa_config(spec: str, max_blocks: int | None, query_block: int | None = None) -> NSAConfig:
+    """`l,d,l',n,w` -> NSAConfig (compress block, stride, select block, blocks, window; query
+    groups of `query_block` tokens, None: the config's default)."""
     block, stride, select, n, w = (int(v) for v in spec.split(","))
-    return NSAConfig(compress_block=block, compress_stride=stride, select_block=select,
-                     select_blocks=n, window=w, max_blocks=max_blocks)
+    config = NSAConfig(compress_block=block, compress_stride=stride, select_block=select,
+                       select_blocks=n, window=w, max_blocks=max_blocks)
+    return config if query_block is None else dataclasses.replace(config,
+                                                                  query_block=query_block)
 
 
 def _layers(args: argparse.Namespace) -> dict[str, tuple[object, object]]:
@@ -57,7 +69,7 @@ def _layers(args: argparse.Namespace) -> dict[str, tuple[object, object]]:
     comp = dict(shape, rope_theta=10_000.0, init_std=0.02)
     moba = MoBAConfig(block_size=args.moba_block, topk=args.moba_topk,
                       max_blocks=args.moba_max_blocks or None)
-    nsa = _nsa_config(args.nsa, args.nsa_max_blocks or None)
+    nsa = _nsa_config(args.nsa, args.nsa_max_blocks or None, args.nsa_query_block)
     moba.validate()
     nsa.validate(args.head_dim)
     return {
@@ -68,6 +80,35 @@ def _layers(args: argparse.Namespace) -> dict[str, tuple[object, object]]:
         "nsa": (NSAAttention(**shape, config=nsa, sparse_impl=args.sparse_impl),
                 NSAMixer(**comp, config=nsa, impl=args.sparse_impl)),
     }
+
+
+def nsa_keys_read(args: argparse.Namespace, seq_len: int, query_block: int) -> dict:
+    """Keys per query NSA reads at `seq_len` with query groups of `query_block` tokens,
+    measured from the selection lists its forward builds (see the module docstring)."""
+    cfg = _nsa_config(args.nsa, args.nsa_max_blocks or None, query_block)
+    cfg.validate(args.head_dim)
+    module = NSAAttention(num_heads=args.heads, num_kv_heads=args.kv_heads,
+                          head_dim=args.head_dim, config=cfg, sparse_impl="reference")
+    d_model = args.heads * args.head_dim
+    x = jax.random.normal(jax.random.key(0), (1, seq_len, d_model), jnp.dtype(args.dtype))
+    positions = jnp.arange(seq_len, dtype=jnp.int32)
+    small = min(seq_len, 4 * cfg.select_block)  # parameter shapes do not depend on T
+    params = jax.jit(module.init)(jax.random.key(1), x[:, :small], positions[:small])
+    forward = jax.jit(lambda p, x, pos: module.apply(p, x, pos, mutable=["intermediates"]))
+    (_, aux), state = forward(params, x, positions)
+    lists = state["intermediates"]["selection"][0]  # [1, heads, nq, L]
+    tokens = jnp.minimum(query_block, seq_len - query_block * jnp.arange(lists.shape[2]))
+    listed = jnp.sum(lists >= 0, axis=-1)  # [1, heads, nq]
+    slc = float(jnp.sum(listed * tokens) / (seq_len * args.heads)) * cfg.select_block
+    win_lists = window_lists(1, 1, seq_len, cfg)[0, 0]  # [n, W], one list per key block
+    win_tokens = jnp.minimum(cfg.select_block,
+                             seq_len - cfg.select_block * jnp.arange(win_lists.shape[0]))
+    win = float(jnp.sum(jnp.sum(win_lists >= 0, axis=-1) * win_tokens) / seq_len)
+    win *= cfg.select_block
+    total = cfg.mean_compressed_read(seq_len) + slc + win
+    return {"seq_len": seq_len, "query_block": query_block, "slots": lists.shape[-1],
+            "slc_keys": slc, "total_keys": total, "dense_keys": (seq_len + 1) / 2,
+            "dropped": float(aux[DROPPED])}
 
 
 def _fwd_bwd(module):
@@ -91,6 +132,8 @@ def main() -> None:
                         help="default 8 (moba_1b_32k); 0: exact lists")
     parser.add_argument("--nsa", default=None, help="l,d,l',n,w (default 32,16,64,16,512)")
     parser.add_argument("--nsa-max-blocks", type=int, default=0, help="0: exact lists")
+    parser.add_argument("--nsa-query-block", type=int, default=None,
+                        help=f"tokens per selection list (default {NSAConfig.query_block})")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dense-impl", default="auto", choices=("auto", "xla", "cudnn", "splash"))
     parser.add_argument("--sparse-impl", default="auto")
@@ -100,6 +143,9 @@ def main() -> None:
                         help="the defaults of a CPU run: H=4, kv 1, d=64, MoBA blocks 64, NSA "
                              "16,8,32,4,64, T in 1024,2048,4096, B*T=8192")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--nsa-query-blocks", default=None,
+                        help="e.g. 16,64: print NSA's keys read per query at these query groups")
+    parser.add_argument("--keys-only", action="store_true", help="skip the timing")
     args = parser.parse_args()
     defaults = CPU if args.cpu_scale else FULL
     for key, value in defaults.items():
@@ -120,12 +166,13 @@ def main() -> None:
           f"kv={args.kv_heads} d={args.head_dim} D={d_model} {args.dtype}, B*T={args.tokens}; "
           f"MoBA block {args.moba_block} top-{args.moba_topk} max_blocks "
           f"{args.moba_max_blocks or None}; NSA l,d,l',n,w={args.nsa} max_blocks "
-          f"{args.nsa_max_blocks or None}; dense impl {args.dense_impl}, sparse impl "
+          f"{args.nsa_max_blocks or None} query_block {layers['nsa'][0].config.query_block}; "
+          f"dense impl {args.dense_impl}, sparse impl "
           f"{args.sparse_impl}; median of {args.iters}")
     print(f"{'T':>7} {'B':>3} {'variant':>7} {'ms':>10} {'/dense':>7} {'speedup':>7} {'GFLOP':>9} "
           f"{'TFLOP/s':>8}")
     rows = []
-    for seq_len in seq_lens:
+    for seq_len in [] if args.keys_only else seq_lens:
         if args.tokens % seq_len:
             parser.error(f"--tokens {args.tokens} is not a multiple of T={seq_len}")
         batch = args.tokens // seq_len
@@ -148,13 +195,27 @@ def main() -> None:
             print(f"{seq_len:>7} {batch:>3} {name:>7} {row['ms']:>10.1f} {ratio:>15} "
                   f"{row['claimed_gflop']:>9.1f} {row['claimed_tflops']:>8.4f}", flush=True)
             del params
+    keys = []
+    if args.nsa_query_blocks:
+        print(f"NSA keys read per query (l'={args.nsa.split(',')[2]}, measured from the lists; "
+              "total = compressed + selected + window):")
+        print(f"{'T':>7} {'Q':>4} {'slots':>5} {'selected':>9} {'total':>9} {'dense':>9} "
+              f"{'total/dense':>11} {'dropped':>8}")
+        for seq_len in seq_lens:
+            for query_block in (int(v) for v in args.nsa_query_blocks.split(",")):
+                row = nsa_keys_read(args, seq_len, query_block)
+                keys.append(row)
+                print(f"{seq_len:>7} {query_block:>4} {row['slots']:>5} {row['slc_keys']:>9.0f} "
+                      f"{row['total_keys']:>9.0f} {row['dense_keys']:>9.0f} "
+                      f"{row['total_keys'] / row['dense_keys']:>11.3f} {row['dropped']:>8.4f}",
+                      flush=True)
     config = {key: getattr(args, key) for key in
               ("tokens", "heads", "kv_heads", "head_dim", "moba_block", "moba_topk",
-               "moba_max_blocks", "nsa", "nsa_max_blocks", "dense_impl", "sparse_impl",
-               "dtype", "iters", "cpu_scale")}
+               "moba_max_blocks", "nsa", "nsa_max_blocks", "nsa_query_block", "dense_impl",
+               "sparse_impl", "dtype", "iters", "cpu_scale")}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": config, "rows": rows}, f, indent=1)
+            json.dump({"config": config, "rows": rows, "nsa_keys_read": keys}, f, indent=1)
     print(json.dumps(rows))
 
 

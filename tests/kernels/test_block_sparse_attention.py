@@ -1,5 +1,6 @@
 """The block-sparse attention op (gathered-block XLA path and the GPU kernel in interpret mode)
-against the dense masked reference, forward and gradients w.r.t. q, k, v."""
+against the dense masked reference, forward and gradients w.r.t. q, k, v, with one list per key
+block (query_block = block_size) and per smaller query group (query_block 16 in blocks of 32)."""
 
 import functools
 
@@ -11,6 +12,7 @@ import pytest
 from mnemax.layers.kernels.block_sparse_attention import (
     block_sparse_attention,
     blocks,
+    gpu_layout,
     masked_attention,
     pallas_gpu,
 )
@@ -24,24 +26,29 @@ from mnemax.layers.kernels.block_sparse_attention.masked_reference import visibl
 # With m = d + L * B and a factor 8 for exp, the division and the chained products of the
 # backward pass: 8 * (16 + 96) * 2^-24 = 5.3e-5 at d = 16. A missing mask, a wrong block or a
 # wrong kv head moves entries by O(0.1) of the largest.
-SEQ, BLOCK, SLOTS, HEADS, KV_HEADS, D = 72, 32, 3, 4, 2, 16  # ragged: 3 query blocks, 8 tokens
+SEQ, BLOCK, SLOTS, HEADS, KV_HEADS, D = 72, 32, 3, 4, 2, 16  # ragged: 3 key blocks, 8 tokens
+QUERY_BLOCK = 16  # the smaller query groups: 5 lists over 72 tokens, the last of 8
 
 
 def _tol(d: int) -> float:
     return 8 * (d + SLOTS * BLOCK) * 2.0 ** -24
 
 
-def _case(seed: int, batch: int = 2, d: int = D):
-    """Random q, k, v, output cotangent, distinct block lists (some -1 slots, an all -1 list,
-    future blocks that causality hides) and slot masks."""
+def _case(seed: int, batch: int = 2, d: int = D, query_block: int = BLOCK,
+          shared: bool = False):
+    """Random q, k, v, output cotangent, distinct block lists of each query group (some -1
+    slots, an all -1 list, future blocks that causality hides; `shared`: one list per GQA
+    group, copied to its heads) and slot masks (per head)."""
     rng = np.random.default_rng(seed)
-    n = -(-SEQ // BLOCK)
-    idx = np.full((batch, HEADS, n, SLOTS), -1)
-    for b, h, i in np.ndindex(batch, HEADS, n):
+    n, groups = -(-SEQ // BLOCK), -(-SEQ // query_block)
+    idx = np.full((batch, HEADS, groups, SLOTS), -1)
+    for b, h, i in np.ndindex(batch, HEADS, groups):
         chosen = rng.choice(n, size=rng.integers(0, SLOTS + 1), replace=False)
         idx[b, h, i, rng.choice(SLOTS, size=len(chosen), replace=False)] = chosen
     idx[0, 0, 1] = -1  # a query block that reads nothing
     idx[0, 1, 2] = [2, 1, 0]  # and one that lists everything
+    if shared:
+        idx[:, 1::2] = idx[:, 0::2]
     mask = rng.random((batch, HEADS, SEQ, SLOTS)) < 0.7
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
     q, ct = normal(batch, SEQ, HEADS, d), normal(batch, SEQ, HEADS, d)
@@ -61,18 +68,20 @@ def _out_and_grads(fn, q, k, v, ct):
 
 
 @functools.cache
-def _reference(window: int | None, d: int):
+def _reference(window: int | None, d: int, query_block: int = BLOCK, shared: bool = False):
     """The case of seed 0 and the dense reference's output and gradients on it (computed once
     for the tests of both paths)."""
-    q, k, v, idx, mask, ct = case = _case(0, d=d)
+    q, k, v, idx, mask, ct = case = _case(0, d=d, query_block=query_block, shared=shared)
     ref = functools.partial(masked_attention, block_indices=idx, slot_mask=mask,
-                            block_size=BLOCK, window=window)
+                            block_size=BLOCK, window=window, query_block=query_block)
     return case, _out_and_grads(ref, q, k, v, ct)
 
 
-def _assert_matches_reference(fn, window, d=D):
-    (q, k, v, idx, mask, ct), want = _reference(window, d)
-    seen = visible_keys(idx, mask, SEQ, BLOCK, window).any(-1)
+def _assert_matches_reference(fn, window, d=D, query_block=BLOCK, shared=False):
+    (q, k, v, idx, mask, ct), want = _reference(window, d, query_block, shared)
+    seen = visible_keys(idx, mask, SEQ, BLOCK, window, query_block).any(-1)
+    if query_block < BLOCK:  # the two groups of a key block list different blocks
+        assert np.any(np.asarray(idx[:, :, 0:4:2] != idx[:, :, 1:4:2]))
     assert seen.any() and not seen.all()  # some queries read nothing: their rows must be zero
     got = _out_and_grads(functools.partial(fn, block_indices=idx, slot_mask=mask, window=window),
                          q, k, v, ct)
@@ -85,24 +94,37 @@ def _assert_matches_reference(fn, window, d=D):
     assert not jnp.any(jnp.where(blind, out, 0.0)) and not jnp.any(jnp.where(blind, dq, 0.0))
 
 
-@pytest.mark.parametrize("window,d,step", [(None, 16, 2), (12, 128, None)])
-def test_gathered_blocks_equal_masked_reference(window, d, step):
+@pytest.mark.parametrize("window,d,step,query_block", [(None, 16, 2, BLOCK),
+                                                       (12, 128, None, QUERY_BLOCK)])
+def test_gathered_blocks_equal_masked_reference(window, d, step, query_block):
     """step 2: query blocks in two lax.map steps (3 padded to 4); None: one step. Window 12 <
-    B: blocks two back are wholly hidden, the previous one is partly visible."""
+    B: blocks two back are wholly hidden, the previous one is partly visible. Query groups of
+    16 in blocks of 32: each group has its own list (a path that read one list per key block,
+    or took group i for block i, reads other keys)."""
     fn = lambda q, k, v, **kw: blocks.attention(q, k, v, block_size=BLOCK, scale=d ** -0.5,
-                                                query_blocks_per_step=step, **kw)
-    _assert_matches_reference(fn, window, d)
+                                                query_blocks_per_step=step,
+                                                query_block=query_block, **kw)
+    _assert_matches_reference(fn, window, d, query_block)
 
 
-@pytest.mark.parametrize("window,d,tile", [(None, 16, 16), (12, 128, 32)])
-def test_gpu_kernel_in_interpret_mode_equals_masked_reference(window, d, tile):
+@pytest.mark.parametrize("window,d,tile,query_block,shared", [
+    (None, 16, 16, BLOCK, False), (12, 128, 32, QUERY_BLOCK, False),
+    (12, 16, 16, QUERY_BLOCK, True)])
+def test_gpu_kernel_in_interpret_mode_equals_masked_reference(window, d, tile, query_block,
+                                                              shared):
     """Tiles of 16 rows in blocks of 32: the kernels skip the tiles of a listed block that no
     query of a tile can see (the future; with the window, the far past). d = 128: the dk / dv
-    kernel walks query steps of half a tile (`dkdv_query_tile`)."""
+    kernel walks query steps of half a tile (`dkdv_query_tile`). Query groups of 16 with key
+    tiles of 32: query and key tiles differ in size, and the dk / dv kernel's inverse lists
+    map a key block to the groups (not blocks) that list it. Shared lists: the 2 heads of a GQA
+    group are rows of one 16-row tile (8 tokens x 2 heads), each with its own slot mask."""
     assert pallas_gpu.dkdv_query_tile(tile, d) == (16 if d == 128 else tile)
+    assert pallas_gpu.packed_rows(HEADS, KV_HEADS, tile, tile, d) == 2
     fn = lambda q, k, v, **kw: pallas_gpu.attention(q, k, v, block_size=BLOCK, tile=tile,
-                                                    scale=d ** -0.5, interpret=True, **kw)
-    _assert_matches_reference(fn, window, d)
+                                                    scale=d ** -0.5, interpret=True,
+                                                    query_block=query_block,
+                                                    shared_group_lists=shared, **kw)
+    _assert_matches_reference(fn, window, d, query_block, shared)
 
 
 def test_kernel_runs_per_device_over_batch_and_heads():
@@ -120,22 +142,27 @@ def test_kernel_runs_per_device_over_batch_and_heads():
         _assert_matches_reference(fn, None)
 
 
-def test_dk_dv_lists_invert_the_block_lists():
-    """Every slot that reads a key block appears once under that block, in (head, query block,
-    slot) order; unused, future and out-of-window slots not at all."""
-    idx = np.asarray(_case(2)[3])
-    lists = jax.jit(pallas_gpu.key_block_lists, static_argnums=(1, 2, 3),
+@pytest.mark.parametrize("query_block", [BLOCK, QUERY_BLOCK])
+def test_dk_dv_lists_invert_the_block_lists(query_block):
+    """Every slot that reads a key block appears once under that block, in (head, query group,
+    slot) order; unused, future and out-of-window slots not at all. Groups of 16 in blocks of
+    32: group i starts at token 16 i, so it may read key block j only if 32 j <= 16 i + 15."""
+    idx = np.asarray(_case(2, query_block=query_block)[3])
+    lists = jax.jit(gpu_layout.key_block_lists, static_argnums=(1, 2, 3, 4, 5),
                     compiler_options=FAST_CPU_COMPILE)
-    offsets, entries = map(np.asarray, lists(idx, KV_HEADS, BLOCK, None))
-    batch, heads, n, slots = idx.shape
+    n = -(-SEQ // BLOCK)
+    offsets, entries = map(np.asarray, lists(idx, KV_HEADS, BLOCK, None, query_block, n))
+    batch, heads, groups, slots = idx.shape
     group = heads // KV_HEADS
+    causal = BLOCK * np.arange(n) <= query_block * np.arange(groups)[:, None] + query_block - 1
     for b, g, j in np.ndindex(batch, KV_HEADS, n):
         c = (b * KV_HEADS + g) * n + j
         got = entries[offsets[c]:offsets[c + 1]].tolist()
-        want = [(hl * n + i) * slots + s for hl, i, s in np.ndindex(group, n, slots)
-                if idx[b, g * group + hl, i, s] == j and j <= i]
+        want = [(hl * groups + i) * slots + s for hl, i, s in np.ndindex(group, groups, slots)
+                if idx[b, g * group + hl, i, s] == j and causal[i, j]]
         assert got == want
-    assert offsets[-1] == np.sum((idx >= 0) & (idx <= np.arange(n)[:, None]))
+    reads = (idx >= 0) & causal[np.arange(groups)[:, None], np.maximum(idx, 0)]
+    assert offsets[-1] == np.sum(reads)
 
 
 def _sub_jaxprs(value):
@@ -176,16 +203,26 @@ def test_gathered_gradient_memory_grows_with_listed_blocks_not_t_squared():
 
 
 def test_unsupported_kernel_shapes_fall_back_with_a_notice():
-    """d = 8 is below Triton's dot: the interpreted "kernel" is the XLA path, said once; at
-    d = 16 the op runs the kernel."""
+    """d = 8 or query groups of 8 are below Triton's dot: the interpreted "kernel" is the XLA
+    path, said once; at d = 16 the op runs the kernel (and the TPU kernel, in interpret mode,
+    the groups of 8)."""
     q, k, v, idx, mask, _ = _case(3, batch=1)
     trace = lambda impl, d: str(jax.make_jaxpr(functools.partial(
         block_sparse_attention, block_size=BLOCK, impl=impl))(q[..., :d], k[..., :d],
                                                                v[..., :d], idx, mask))
     assert "pallas_call" in trace("pallas_interpret", 16)
-    with pytest.warns(UserWarning, match=r"powers of two >= 16 \(got 32, 8\); using the XLA"):
+    with pytest.warns(UserWarning, match=r"powers of two >= 16 \(got 32, 32, 8\); using the"):
         fallback = trace("pallas_interpret", 8)
     assert fallback == trace("reference", 8) and "pallas_call" not in fallback
+    # query groups of 8 rows are below Triton's dot too: the XLA path, said once
+    q, k, v, idx, mask, _ = _case(3, batch=1, query_block=8)
+    grouped = lambda impl, backend="gpu": str(jax.make_jaxpr(functools.partial(
+        block_sparse_attention, block_size=BLOCK, query_block=8, impl=impl,
+        interpret_backend=backend))(q, k, v, idx, mask))
+    with pytest.warns(UserWarning, match=r"\(got 32, 8, 16\); using the XLA path"):
+        fallback = grouped("pallas_interpret")
+    assert fallback == grouped("reference") and "pallas_call" not in fallback
+    assert "pallas_call" in grouped("pallas_interpret", "tpu")  # interpret mode takes any group
 
 
 @pytest.mark.parametrize("change,match", [
@@ -197,7 +234,9 @@ def test_unsupported_kernel_shapes_fall_back_with_a_notice():
     (dict(block_size=0), r"block_size=0 must be an int >= 1"),
     (dict(window=0), r"window=0: a window holds at least the query itself"),
     (dict(block_indices=jnp.zeros((1, 4, 2, 3), jnp.int32)),
-     r"\[batch, heads, ceil\(T / block_size\), L\] = \[1, 4, 3, L >= 1\]"),
+     r"\[batch, heads, ceil\(T / query_block\), L\] = \[1, 4, 3, L >= 1\]"),
+    (dict(query_block=8), r"\[batch, heads, ceil\(T / query_block\), L\] = \[1, 4, 5, L"),
+    (dict(query_block=12), r"query_block=12 must be an int >= 1 dividing block_size=16"),
     (dict(block_indices=jnp.zeros((1, 4, 3, 3))), "block_indices must be integers"),
     (dict(slot_mask=jnp.ones((1, 4, 40, 2), bool)), r"slot_mask .* must be bool"),
     (dict(slot_mask=jnp.ones((1, 4, 40, 3))), r"slot_mask .* float32 must be bool"),

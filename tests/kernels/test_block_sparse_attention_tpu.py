@@ -22,13 +22,14 @@ B, T, H, KH, D, BS, L = 2, 45, 4, 2, 8, 16, 3
 NQ = -(-T // BS)
 
 
-def _lists(rng: np.random.Generator) -> np.ndarray:
-    """Distinct random blocks per list (including blocks after the query block, which the
-    kernel skips), ~20% of slots unused; batch 1's kv head 1 (q heads 2, 3) never lists key block
-    1 (its dk/dv blocks are visited only by the kernel's no-op triples and must be zero); batch
-    0 head 0 query block 1 lists nothing (its queries read no key: zero output)."""
-    idx = np.full((B, H, NQ, L), -1, np.int32)
-    for b, h, i in np.ndindex(B, H, NQ):
+def _lists(rng: np.random.Generator, query_block: int = BS) -> np.ndarray:
+    """Distinct random blocks per list of each query group (including blocks after the group,
+    which the kernel skips), ~20% of slots unused; batch 1's kv head 1 (q heads 2, 3) never
+    lists key block 1 (its dk/dv blocks are visited only by the kernel's no-op triples and must
+    be zero); batch 0 head 0 query group 1 lists nothing (its queries read no key: zero
+    output)."""
+    idx = np.full((B, H, -(-T // query_block), L), -1, np.int32)
+    for b, h, i in np.ndindex(*idx.shape[:3]):
         pool = [j for j in range(NQ) if not (b == 1 and h >= 2 and j == 1)]
         chosen = rng.permutation(pool)[:L]
         idx[b, h, i, :len(chosen)] = np.where(rng.random(len(chosen)) < 0.8, chosen, -1)
@@ -51,18 +52,19 @@ FWD_ATOL, GRAD_RTOL = 5e-5, 2e-4
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_interpret_equals_masked_reference(window, monkeypatch):
+@pytest.mark.parametrize(("window", "query_block"), [(None, BS), (20, 8)])
+def test_interpret_equals_masked_reference(window, query_block, monkeypatch):
     """Random lists with -1 slots, random slot masks (window None) or none (window 20, which
-    spans two blocks), GQA, ragged T, three query blocks: output, dq, dk, dv. With the window,
-    SMEM is shrunk to 40 words so that the kernels run in several calls: forward and dq one per
-    batch row (36 words each), dk/dv one per q head (27 + 9 words), summed over each GQA group."""
+    spans two blocks), GQA, ragged T, three key blocks: output, dq, dk, dv. Window 20: query
+    groups of 8 tokens (6 lists, the last of 5 tokens), and SMEM shrunk to 63 words so that the
+    kernels run in several calls: forward and dq one per (batch row, GQA group) (2 x 18 words),
+    dk/dv one per q head (54 + 9 words), summed over each GQA group."""
     if window is not None:
-        monkeypatch.setattr(pallas_tpu, "SMEM_WORDS", 40)
+        monkeypatch.setattr(pallas_tpu, "SMEM_WORDS", 63)
     rng = np.random.default_rng(0 if window is None else 1)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                for s in ((B, T, H, D), (B, T, KH, D), (B, T, KH, D)))
-    idx = jnp.asarray(_lists(rng))
+    idx = jnp.asarray(_lists(rng, query_block))
     mask = jnp.asarray(rng.random((B, H, T, L)) < 0.7) if window is None else None
     d_out = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
 
@@ -75,13 +77,16 @@ def test_interpret_equals_masked_reference(window, monkeypatch):
                        compiler_options=FAST_CPU_COMPILE)(q, k, v)
 
     (_, out), grads = value_and_grads(lambda q, k, v: pallas_tpu.attention(
-        q, k, v, idx, mask, block_size=BS, window=window, interpret=True))
+        q, k, v, idx, mask, block_size=BS, window=window, interpret=True,
+        query_block=query_block))
     (_, ref), ref_grads = value_and_grads(lambda q, k, v: masked_attention(
-        q, k, v, idx, mask, block_size=BS, window=window))
+        q, k, v, idx, mask, block_size=BS, window=window, query_block=query_block))
 
     # the case exercises what it claims: skipped slots, partial visibility, queries reading
-    # nothing (zero output), unread key blocks (zero dk)
-    visible = np.asarray(visible_keys(idx, mask, T, BS, window))
+    # nothing (zero output), unread key blocks (zero dk), groups of a block listing differently
+    visible = np.asarray(visible_keys(idx, mask, T, BS, window, query_block))
+    if query_block < BS:
+        assert np.any(np.asarray(idx[:, :, 0:4:2] != idx[:, :, 1:4:2]))
     reads = visible.any(-1)
     assert (~reads).any() and reads.mean() > 0.5
     np.testing.assert_array_equal(np.asarray(out)[~reads.transpose(0, 2, 1)], 0.0)
@@ -113,21 +118,24 @@ def test_chunks_cover_every_head_once_within_smem(smem, calls, monkeypatch):
         pallas_tpu._chunks(batch, heads, group, smem, per_kv)
 
 
-@pytest.mark.parametrize(("d", "block", "slots", "words"), [
-    (128, 64, 4, "multiple of 128"), (96, 128, 4, "head dim 96"), (128, 128, 33, "33 slots")])
-def test_unsupported_shapes_raise(d, block, slots, words):
-    q = jnp.zeros((1, 256, 2, d), jnp.bfloat16)
-    k = jnp.zeros((1, 256, 1, d), jnp.bfloat16)
-    idx = jnp.zeros((1, 2, 256 // block, slots), jnp.int32)
+@pytest.mark.parametrize(("d", "block", "slots", "query_block", "words"), [
+    (128, 40, 4, None, "block_size=40 is not a multiple of 16"), (96, 128, 4, None, "head dim 96"),
+    (128, 128, 33, None, "33 slots"), (128, 256, 4, 8, "query_block=8 is not a multiple of 16"),
+    (128, 256, 4, 96, "query_block=96 must divide block_size=256")])
+def test_unsupported_shapes_raise(d, block, slots, query_block, words):
+    q = jnp.zeros((1, 240, 2, d), jnp.bfloat16)
+    k = jnp.zeros((1, 240, 1, d), jnp.bfloat16)
+    idx = jnp.zeros((1, 2, -(-240 // (query_block or block)), slots), jnp.int32)
     with pytest.raises(ConfigError, match=words):
-        pallas_tpu.attention(q, k, k, idx, block_size=block)
+        pallas_tpu.attention(q, k, k, idx, block_size=block, query_block=query_block)
 
 
-# Compile-only: bf16, d = 128, L = 4, GQA 8 -> 2 heads, several query blocks; block 128 at a
-# ragged T (8 blocks, the last of 104 tokens), block 256 at T = 2048 (8 blocks). The three
-# kernels alone, on their heads-major operands: the XLA glue around them (layouts, the triples'
-# sort) cannot fail Mosaic and took ~3 s more per shape to compile.
-COMPILE_SHAPES = [(128, 1000), (256, 2048)]
+# Compile-only: bf16, d = 128, L = 4, GQA 8 -> 2 heads, several query groups; block 128 at a
+# ragged T (8 blocks, the last of 104 tokens), NSA's blocks of 64 with query groups of 16 at
+# T = 512 (8 key blocks, 32 groups: 16-row query tiles, per-query rows of 16 lanes). The
+# three kernels alone, on their heads-major operands: the XLA glue around them (layouts, the
+# triples' sort) cannot fail Mosaic and took ~3 s more per shape to compile.
+COMPILE_SHAPES = [(128, 1000, None), (64, 512, 16)]
 
 
 @pytest.mark.parametrize("generation", ["v5e", "v5p"])
@@ -136,21 +144,23 @@ def test_kernels_compile_for_tpu(generation):
     mesh = _mesh(generation)
     batch, heads, kv_heads, d, slots = 2, 8, 2, 128, 4
     bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
-    for block, seq_len in COMPILE_SHAPES:
-        nq = -(-seq_len // block)
-        tp = nq * block
-        st = pallas_tpu_kernels.Statics(block, None, d ** -0.5, interpret=False)
-        codes, rows = ((batch, heads, nq, slots), i32), ((batch, heads, 1, tp), f32)
+    for block, seq_len, query_block in COMPILE_SHAPES:
+        tp = -(-seq_len // block) * block
+        qb = query_block or block
+        nq = tp // qb
+        st = pallas_tpu_kernels.Statics(block, None, d ** -0.5, interpret=False,
+                                        query_block=query_block)
+        row = (batch, heads, pallas_tpu_kernels.row_groups(nq), qb)
+        codes, rows = ((batch, heads, nq, slots), i32), (row, f32)
         q, kv = (batch, heads, tp, d), (batch, kv_heads, tp, d)
-        backward = [(q, bf16), (kv, bf16), (kv, bf16), (q, bf16), rows, rows,
-                    ((batch, heads, 1, tp), i32), codes]
+        backward = [(q, bf16), (kv, bf16), (kv, bf16), (q, bf16), rows, rows, (row, i32), codes]
         kernels = [
-            (pallas_tpu_kernels.forward, (q, bf16), (kv, bf16), ((batch, kv_heads, d, tp), bf16),
-             codes, ((batch, heads, 1, tp), i32)),
+            (pallas_tpu_kernels.forward, (q, bf16), (kv, bf16), (kv, bf16), codes, (row, i32)),
             (pallas_tpu_kernels.d_query, *backward),
             (pallas_tpu_kernels.d_key_value, *backward),
         ]
         for name, (fn, *shapes) in zip(("forward", "dq", "dk/dv"), kernels, strict=True):
             text, seconds = _compile(mesh, functools.partial(fn, st=st), *shapes)
-            print(f"{generation} block {block} T {seq_len} {name}: compiled in {seconds:.1f} s")
+            print(f"{generation} block {block} query_block {qb} T {seq_len} {name}: compiled in "
+                  f"{seconds:.1f} s")
             assert text.count(f'custom_call_target="{TPU_CUSTOM_CALL}"') == 1, name

@@ -135,33 +135,43 @@ def test_a_function_without_triton_kernels_is_an_error():
 
 # Block-sparse attention's forward, dq and dk/dv kernels, bf16, at moba_1b_32k's shape (32,768
 # tokens, 32 heads over 8 kv heads, d = 64, blocks of 512 walked in 64-row tiles, 8 slots) and at
-# d = 128 with blocks of 64. ptxas registers (Triton 3.9, sm_90a), no spills in any:
+# NSA's (d = 128, blocks of 64, one list per 16 queries shared by the 4 q heads of a GQA group:
+# 64-row query tiles of 16 tokens x 4 heads, 64-row key tiles). ptxas registers (Triton 3.9,
+# sm_90a), no spills in any:
 #   d=64, block 512:  fwd 124, dq 124, dkdv 214      d=64, block 64:  fwd 124, dq 125, dkdv 204
 #   d=128, block 64:  fwd 125, dq 183, dkdv 195      d=128, block 512: fwd 124, dq 188, dkdv 207
+#   d=128, block 64, query groups of 16 per head: fwd 122, dq 123, dkdv 189 (16-row query
+#   tiles, 4 warps); shared by the GQA group: fwd 126, dq 182, dkdv 195 (64-row tiles, 8 warps)
 # (dk/dv at d = 128 walks 32-row query steps; with 64 it used all 255 registers.)
-@pytest.mark.parametrize("d,block", [(64, 512), (128, 64)])
-def test_block_sparse_attention_compiles_for_sm90_without_spills(d, block):
+@pytest.mark.parametrize("d,block,query_block,shared", [(64, 512, None, False),
+                                                        (128, 64, 16, True)])
+def test_block_sparse_attention_compiles_for_sm90_without_spills(d, block, query_block, shared):
     from mnemax.layers.kernels.block_sparse_attention import pallas_gpu as bsa
 
     t, heads, kv_heads, slots = 32768, 32, 8, 8
+    groups = t // (query_block or block)
+    rows = heads // kv_heads if shared else 1
     s = jax.ShapeDtypeStruct
     args = (s((1, t, heads, d), jnp.bfloat16), s((1, t, kv_heads, d), jnp.bfloat16),
-            s((1, t, kv_heads, d), jnp.bfloat16), s((1, heads, t // block, slots), jnp.int32),
+            s((1, t, kv_heads, d), jnp.bfloat16), s((1, heads, groups, slots), jnp.int32),
             s((1, heads, t, slots), jnp.bool_))
 
     def loss(q, k, v, block_indices, slot_mask):
         out = bsa.attention(q, k, v, block_indices, slot_mask, block_size=block, window=None,
-                            scale=d ** -0.5)
+                            scale=d ** -0.5, query_block=query_block, shared_group_lists=shared)
         return jnp.sum(out.astype(jnp.float32))
 
     grads = jax.grad(loss, argnums=(0, 1, 2))
     kernels = compile_kernels_sm90(grads, *args)
     assert [k.name for k in kernels] == ["block_sparse_attention_fwd", "block_sparse_attention_dq",
                                          "block_sparse_attention_dkdv"]
-    tiles = t // bsa.TILE
-    assert [k.grid for k in kernels] == [(tiles, 1, heads)] * 2 + [(tiles, 1, kv_heads)]
-    for kernel in kernels:
-        assert kernel.num_warps == bsa.num_warps(bsa.TILE, d)
+    q_tile, k_tile = min(bsa.TILE, (query_block or block) * rows), min(bsa.TILE, block)
+    assert [k.grid for k in kernels] == [(t * rows // q_tile, 1, heads // rows)] * 2 + [
+        (t // k_tile, 1, kv_heads)]
+    for kernel, tile in zip(kernels, (q_tile, q_tile, k_tile), strict=True):
+        print(f"d={d} block {block} query_block {query_block} shared {shared} {kernel.name}: "
+              f"{kernel.registers} registers, {kernel.spill_store_bytes} B spilled")
+        assert kernel.num_warps == bsa.num_warps(tile, d)
         assert not kernel.problems(), f"{kernel.name} at d={d}: {kernel.problems()}"
         assert kernel.spill_store_bytes == kernel.spill_load_bytes == kernel.stack_bytes == 0
         assert 0 < kernel.registers <= MAX_REGISTERS

@@ -147,8 +147,10 @@ def test_moba_at_partial_topk_equals_per_token_moba(max_blocks):
 
 
 # NSA at small sizes: nc = (44 - 8) // 4 + 1 = 10 compressed tokens, 6 selection blocks (last
-# ragged), each query reads 4 (initial, previous, own and the top 1), a 12-key window.
-NSA = NSAConfig(compress_block=8, compress_stride=4, select_block=8, select_blocks=4, window=12)
+# ragged), each query reads 4 (initial, previous, own and the top 1), a 12-key window; one
+# selection list per 4 tokens (11 lists, two per block: the per-token loops below do not group).
+NSA = NSAConfig(compress_block=8, compress_stride=4, select_block=8, select_blocks=4, window=12,
+                query_block=4)
 D_MODEL, THETA = 32, 10_000.0
 
 
@@ -243,6 +245,42 @@ def test_capped_nsa_lists_keep_the_initial_and_local_blocks():
     # Choices besides the own block: tokens 0-1 read none, 2-3 block 0, 4-5 blocks 0 and 1,
     # 6-7 blocks 0, 1 and 2: 12 in all, of which block 1 of tokens 6 and 7 is dropped.
     np.testing.assert_allclose(float(dropped), 2 / 12)
+
+
+def test_block_lists_of_small_query_groups_hold_their_tokens_choices():
+    """Lists per 4-token group in blocks of 8 (T = 44: 11 groups, the last block ragged), random
+    choices (own block always): with enough slots each token's masked slots are exactly its own
+    choices and each list is exactly its group's union (votes over a whole block, or over the
+    wrong tokens, would list blocks no token of the group chose); nothing is dropped."""
+    rng = np.random.default_rng(4)
+    n = -(-T // 8)
+    own = np.arange(T) // 8
+    reads = (rng.random((2, 3, T, n)) < 0.3) & (np.arange(n) <= own[:, None])
+    reads |= np.arange(n) == own[:, None]
+    lists, mask, dropped = jax.jit(lambda r: block_lists(r, block_size=8, slots=n,
+                                                         query_block=4))(jnp.asarray(reads))
+    lists, mask = np.asarray(lists), np.asarray(mask)
+    assert lists.shape == (2, 3, 11, n) and mask.shape == (2, 3, T, n)
+    for b, h, t in np.ndindex(2, 3, T):
+        row = lists[b, h, t // 4]
+        assert set(row[mask[b, h, t]].tolist()) == set(np.flatnonzero(reads[b, h, t]).tolist())
+        assert np.all(row[mask[b, h, t]] >= 0)
+    for b, h, g in np.ndindex(2, 3, 11):
+        union = np.flatnonzero(reads[b, h, 4 * g:4 * g + 4].any(0)).tolist()
+        assert sorted(j for j in lists[b, h, g].tolist() if j >= 0) == union
+    assert float(dropped) == 0.0
+    # the groups of one block differ: a list per block would fail the union check above
+    assert any(not np.array_equal(lists[b, h, 2 * i], lists[b, h, 2 * i + 1])
+               for b, h, i in np.ndindex(2, 3, 5))
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    (NSAConfig(select_block=64, query_block=24), r"nsa.query_block=24 must divide "
+                                                 r"model.sparse_attention.nsa.select_block=64"),
+    (MoBAConfig(block_size=64, query_block=48), r"moba.query_block=48 must divide")])
+def test_query_groups_must_divide_the_key_block(config, match):
+    with pytest.raises(ConfigError, match=match):
+        config.validate(64) if isinstance(config, NSAConfig) else config.validate()
 
 
 def test_nsa_with_one_gate_open_is_that_branch():

@@ -9,9 +9,10 @@ current block is always selected, blocks after it never), to all earlier blocks 
 fewer than `topk`. No parameters beyond the dense layer's:
 `MoBAAttention` is `GroupedQueryAttention` (q, k, v, o, RoPE) with its `attend` replaced.
 
-Mapped to the op per (query block i, head h): the list is the union over the block's tokens of
-their choices and the own block i, each token's own choices its row of the slot mask (the own
-block always on, causal inside it). The gate runs on the RoPE'd q and k, as MoBA's code does (it
+Mapped to the op per (query group i, head h), a group being `query_block` consecutive tokens
+(default: the key block): the list is the union over the group's tokens of their choices and
+their own block, each token's own choices its row of the slot mask (the own block always on,
+causal inside it). The gate runs on the RoPE'd q and k, as MoBA's code does (it
 replaces the attention function that Hugging Face calls after the rotary embedding), in fp32,
 and under `stop_gradient`: the selection is discrete and MoBA's code uses the gate only for its
 top-k indices and masks, so no gradient reaches q or k through it there either.
@@ -71,27 +72,33 @@ def token_choices(q: jax.Array, k: jax.Array, *, block_size: int, topk: int) -> 
 
 
 def block_lists(reads: jax.Array, *, block_size: int, slots: int,
-                always: np.ndarray | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token block choices -> the op's inputs.
+                always: np.ndarray | None = None,
+                query_block: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token block choices -> the op's inputs, one list per group of `query_block`
+    consecutive tokens (None: block_size; it divides block_size).
 
     reads `[batch, heads, T, n]` bool (each token's own block included) -> block_indices
-    `[batch, heads, n, slots]` int32 (the union of the query block's choices, -1 padded; past
-    `slots` blocks, the `always` ones first, then the most-chosen), slot_mask `[batch, heads,
-    T, slots]` (token t reads slot l) and the fraction of the tokens' choices besides their own
-    block that a full list left out (0 when `slots` covers every union). `always` `[n, n]`
-    bool: key blocks every token of query block i reads (default: its own block only).
+    `[batch, heads, nq, slots]` int32 (nq = ceil(T / query_block); the union of the group's
+    choices, -1 padded; past `slots` blocks, the `always` ones first, then the most-chosen),
+    slot_mask `[batch, heads, T, slots]` (token t reads slot l) and the fraction of the tokens'
+    choices besides their own block that a full list left out (0 when `slots` covers every
+    union). `always` `[n, n]` bool: key blocks every token of key block i reads (default: its
+    own block only). Smaller groups list fewer blocks: the union is over fewer tokens.
     """
     batch, heads, seq_len, n = reads.shape
-    padded = jnp.pad(reads, [(0, 0), (0, 0), (0, n * block_size - seq_len), (0, 0)])
-    votes = padded.reshape(batch, heads, n, block_size, n).sum(axis=3, dtype=jnp.int32)
+    qb = query_block or block_size
+    nq = num_blocks(seq_len, qb)
+    padded = jnp.pad(reads, [(0, 0), (0, 0), (0, nq * qb - seq_len), (0, 0)])
+    votes = padded.reshape(batch, heads, nq, qb, n).sum(axis=3, dtype=jnp.int32)
     always = np.eye(n, dtype=bool) if always is None else always
-    # Votes are at most B, so B + 1 puts the `always` blocks first; top_k keeps lower block
+    always = always[np.arange(nq) * qb // block_size]  # [nq, n]: the group's key block's row
+    # Votes are at most Q, so Q + 1 puts the `always` blocks first; top_k keeps lower block
     # numbers first among equal priorities.
-    priority = (votes + always * (block_size + 1)).astype(jnp.float32)
-    _, listed = jax.lax.top_k(priority, slots)  # [b, h, n, slots]
+    priority = (votes + always * (qb + 1)).astype(jnp.float32)
+    _, listed = jax.lax.top_k(priority, slots)  # [b, h, nq, slots]
     listed_votes = jnp.take_along_axis(votes, listed, axis=-1)
     block_indices = jnp.where(listed_votes > 0, listed, -1).astype(jnp.int32)
-    per_token = jnp.repeat(block_indices, block_size, axis=2)[:, :, :seq_len]
+    per_token = jnp.repeat(block_indices, qb, axis=2)[:, :, :seq_len]
     slot_mask = jnp.take_along_axis(reads, jnp.maximum(per_token, 0), axis=-1) & (per_token >= 0)
     # Earlier-block choices: every read but the own block (one per token).
     chosen = jnp.sum(reads, dtype=jnp.int32) - batch * heads * seq_len
@@ -109,9 +116,11 @@ def moba_attention(q: jax.Array, k: jax.Array, v: jax.Array, config: MoBAConfig,
     reads = token_choices(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
                           block_size=config.block_size, topk=config.topk)
     block_indices, slot_mask, dropped = block_lists(
-        reads, block_size=config.block_size, slots=config.slots(q.shape[1]))
+        reads, block_size=config.block_size, slots=config.slots(q.shape[1]),
+        query_block=config.query_block)
     out = block_sparse_attention(q, k, v, block_indices, slot_mask,
-                                 block_size=config.block_size, impl=impl, spec=spec)
+                                 block_size=config.block_size, query_block=config.query_block,
+                                 impl=impl, spec=spec)
     return out, dropped
 
 

@@ -18,7 +18,10 @@ branch (a linear gate, as fla's NSA layer; the paper says "an MLP and sigmoid").
   for each stride of block j, the compressed blocks covering it), summed over the heads of a
   GQA group (Eq. 10) so the group shares its blocks; each token reads the top-n blocks (Eq. 11),
   n counting the initial block and the 2 local blocks (its own and the one before) that are
-  always read (Sec. 4.1). Through the block-sparse op (block size l'), causal; the selection is
+  always read (Sec. 4.1). Through the block-sparse op (block size l', one list per group of
+  `query_block` tokens: the paper's kernel reads each query's own choices, Sec. 3.4, and a
+  small group's union stays close to them; the group's q heads share the lists, so the GPU
+  kernel loads each block once for all of them, as the paper's), causal; the selection is
   under `stop_gradient` (top-n is not differentiable, and the paper trains the selection only
   through the cmp branch's own output).
 - win (Sec. 3.3.3): the w latest keys, through the op with a contiguous list of blocks and
@@ -191,14 +194,18 @@ class NSAAttention(GroupedQueryAttention):
         reads = jnp.repeat(reads, self.num_heads // self.num_kv_heads, axis=1)
         block_indices, slot_mask, dropped = block_lists(
             reads, block_size=cfg.select_block, slots=cfg.slots(seq_len),
-            always=fixed_blocks(num_blocks(seq_len, cfg.select_block)))
+            always=fixed_blocks(num_blocks(seq_len, cfg.select_block)),
+            query_block=cfg.query_block)
+        self.sow("intermediates", "selection", block_indices)  # benchmarks count keys read
         outs["slc"] = block_sparse_attention(
             q_rope, apply_rope(kv["k", "slc"], positions, self.rope_theta), kv["v", "slc"],
-            block_indices, slot_mask, block_size=cfg.select_block, impl=self.sparse_impl, spec=spec)
+            block_indices, slot_mask, block_size=cfg.select_block, query_block=cfg.query_block,
+            shared_group_lists=True, impl=self.sparse_impl, spec=spec)
         outs["win"] = block_sparse_attention(
             q_rope, apply_rope(kv["k", "win"], positions, self.rope_theta), kv["v", "win"],
             window_lists(batch, self.num_heads, seq_len, cfg), None,
-            block_size=cfg.select_block, window=cfg.window, impl=self.sparse_impl, spec=spec)
+            block_size=cfg.select_block, window=cfg.window, shared_group_lists=True,
+            impl=self.sparse_impl, spec=spec)
         g = self.gates(x)
         out = sum(g[..., i, None] * outs[branch] for i, branch in enumerate(BRANCHES))
         return self.output(out.astype(x.dtype), x.shape[-1]), {DROPPED: dropped}

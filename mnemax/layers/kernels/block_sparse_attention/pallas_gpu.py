@@ -1,11 +1,13 @@
 """Pallas GPU (Triton) kernels of block-sparse attention: flash attention (Dao 2023,
-"FlashAttention-2") whose key loop walks a query block's list of key blocks instead of the whole
+"FlashAttention-2") whose key loop walks a query group's list of key blocks instead of the whole
 sequence.
 
-Work is cut in tiles of `tile` rows (`TILE` = 64, or the block when smaller); a block of
-`block_size` tokens is `block_size / tile` tiles (MoBA's 512-token blocks: 8).
-- Forward, grid (query tiles, batch, heads): a program keeps its `[tile, d]` queries on chip
-  and, for each listed slot l of its query block and each key tile of that block, reads the
+Work is cut in tiles: key tiles of `min(block_size, TILE)` rows (`TILE` = 64; MoBA's 512-token
+blocks are 8 tiles), query tiles of `min(query_block, TILE)` rows, where a query group of
+`query_block` tokens shares one list (NSA: 16-token groups in 64-token key blocks, so a group
+reads little more than its tokens' own choices, as the paper's kernel, Sec. 3.4).
+- Forward, grid (query tiles, batch, heads): a program keeps its `[q_tile, d]` queries on chip
+  and, for each listed slot l of its query group and each key tile of that block, reads the
   keys of block `block_indices[b, h, i, l]` of its kv head by that index, masks them (slot mask
   column l, causality, window) and folds them into the online softmax (fp32, base 2). It writes
   the output and the log-sum-exp of the scaled scores (natural log; 0 for a query that sees no
@@ -13,17 +15,24 @@ Work is cut in tiles of `tile` rows (`TILE` = 64, or the block when smaller); a 
 - dq, grid (query tiles, batch, heads): the same walk, `dq += dS K` with
   `dS = P * (dO V^T - delta)`, `P = exp(S - lse)`, `delta = rowsum(dO * O)`.
 - dk / dv, grid (key tiles, batch, kv heads): a program owns one key tile of one kv head and
-  walks the (q head of its group, query block, slot) entries that list its block, each in
-  query steps (`dkdv_query_tile`), in a fixed order: the inverse lists are built outside the
-  kernel with jnp (a stable sort of the entries by key block, CSR offsets), so no atomics are
-  needed and the gradients are deterministic.
+  walks the (q head of its group, query group, slot) entries that list its block, each in
+  query steps (`dkdv_query_tile`, at most the group), in a fixed order: the inverse lists are
+  built outside the kernel with jnp (a stable sort of the entries by key block, CSR offsets), so
+  no atomics are needed and the gradients are deterministic.
+
+GQA packing (`shared_group_lists`, NSA Sec. 3.4): when the q heads of a GQA group share their
+lists, q is laid out as `[batch, T * group, kv_heads, d]` (a token's heads on consecutive rows)
+and the kernels run on kv heads with `rows` = group q rows per token: one program loads each
+listed key block once for all the group's heads, and query tiles are `query_block * group` rows
+(NSA: 16 tokens x 4 heads = 64, where one head's 16 rows would leave Hopper's MMA mostly idle).
 
 Unused slots (-1) and (query, key) tile pairs wholly in the future or outside the window are
 skipped (`lax.cond`; the dk / dv lists leave out whole blocks of that kind). Matmul operands are
 in the input dtype (bf16 in training: the tensor cores), accumulated in fp32. A ragged last
 block is zero-padded, its rows masked through the slot mask (padding reads nothing) and
-causality (no real query reads a padded key). `block_size` and `d` must be powers of two >= 16
-(Triton's `dot`); `op.py` sends other shapes to the XLA path. Registers on sm_90a:
+causality (no real query reads a padded key). `block_size`, `query_block` and `d` must be
+powers of two >= 16 (Triton's `dot` wants M, N, K >= 16); `op.py` sends other shapes to the XLA
+path. Registers on sm_90a:
 `tests/kernels/test_gpu_compile.py`.
 """
 
@@ -38,6 +47,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mnemax.layers.kernels.block_sparse_attention.gpu_layout import (
+    key_block_lists,
+    overlaps,
+    pack_group_rows,
+    unpack_group_rows,
+)
 from mnemax.layers.kernels.block_sparse_attention.masked_reference import num_blocks
 from mnemax.layers.kernels.tiling import is_pow2
 
@@ -46,14 +61,9 @@ TILE = 64  # query and key rows per tile: blocks larger than this are walked in 
 NUM_STAGES = 2
 
 
-def supported(block_size: int, d: int) -> bool:
+def supported(block_size: int, d: int, query_block: int | None = None) -> bool:
     """Whether the kernels take these sizes (Triton's `dot` wants powers of two >= 16)."""
-    return is_pow2(block_size, 16) and is_pow2(d, 16)
-
-
-def default_tile(block_size: int) -> int:
-    """Rows of a query or key tile: the block, or `TILE` rows of it when it is larger."""
-    return min(block_size, TILE)
+    return is_pow2(block_size, 16) and is_pow2(d, 16) and is_pow2(query_block or block_size, 16)
 
 
 def dkdv_query_tile(tile: int, d: int) -> int:
@@ -67,17 +77,6 @@ def dkdv_query_tile(tile: int, d: int) -> int:
 def num_warps(tile: int, d: int) -> int:
     """Warps per program: 4 up to a 64 x 64 tile, 8 above (as JAX's flash kernel)."""
     return 4 if tile * d <= 64 * 64 else 8
-
-
-def overlaps(k_first, k_len: int, q_first, q_len: int, window: int | None):
-    """Whether some query in `[q_first, q_first + q_len)` may see some key in
-    `[k_first, k_first + k_len)`: a key not after the last query and, with a window, the last
-    key inside the window of the first query (the pair (max(q_first, k_first), its nearest key)
-    then is visible). Scalars in a kernel, arrays in jnp."""
-    ok = k_first <= q_first + q_len - 1
-    if window is not None:
-        ok &= k_first + k_len - 1 > q_first - window
-    return ok
 
 
 def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
@@ -94,34 +93,34 @@ def _visible(q_pos, k_pos, mask_row, window: int | None):
     return vis
 
 
-def _key_tiles(idx_ref, q_first, *, block_size, tile, window, body, init):
+def _key_tiles(idx_ref, q_first, *, block_size, q_tile, k_tile, window, body, init):
     """Folds `body(slot, k_first, carry)` over the key tiles of the listed blocks that queries
-    `[q_first, q_first + tile)` may see, in (slot, tile) order; other tiles are skipped."""
-    per_block = block_size // tile
+    `[q_first, q_first + q_tile)` may see, in (slot, tile) order; other tiles are skipped."""
+    per_block = block_size // k_tile
 
     def step(t, carry):
         slot, c = lax.div(t, per_block), lax.rem(t, per_block)  # t >= 0: C division
         j = idx_ref[slot]
-        k_first = j * block_size + c * tile
-        reads = (j >= 0) & overlaps(k_first, tile, q_first, tile, window)
+        k_first = j * block_size + c * k_tile
+        reads = (j >= 0) & overlaps(k_first, k_tile, q_first, q_tile, window)
         return lax.cond(reads, lambda x: body(slot, k_first, x), lambda x: x, carry)
 
     return lax.fori_loop(0, idx_ref.shape[0] * per_block, step, init)
 
 
 def _forward_kernel(idx_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size,
-                    tile, window, scale):
-    q_first = pl.program_id(0) * tile
+                    q_tile, k_tile, rows, window, scale):
+    q_first = pl.program_id(0) * q_tile
     q = q_ref[...]
-    q_pos = q_first + jnp.arange(tile)
+    q_pos = (q_first + jnp.arange(q_tile)) // rows
 
     def update(slot, k_first, carry):
         o, m, total = carry
-        rows = pl.ds(k_first, tile)
+        rows = pl.ds(k_first, k_tile)
         k, v = k_ref[rows, :], v_ref[rows, :]
         s = _dot(q, k, trans_b=True) * (scale * LOG2E)
-        s = jnp.where(_visible(q_pos, k_first + jnp.arange(tile), mask_ref[slot, :], window), s,
-                      -jnp.inf)
+        s = jnp.where(_visible(q_pos, k_first + jnp.arange(k_tile), mask_ref[slot, :], window),
+                      s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
         alpha = jnp.exp2(m - m_safe)
@@ -129,10 +128,11 @@ def _forward_kernel(idx_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, b
         o = alpha[:, None] * o + _dot(p.astype(v.dtype), v)
         return o, m_new, alpha * total + jnp.sum(p, axis=1)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((tile,), -jnp.inf, jnp.float32),
-            jnp.zeros((tile,), jnp.float32))
-    o, m, total = _key_tiles(idx_ref, q_first, block_size=block_size, tile=tile, window=window,
-                             body=update, init=init)
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((q_tile,), -jnp.inf, jnp.float32),
+            jnp.zeros((q_tile,), jnp.float32))
+    o, m, total = _key_tiles(idx_ref, q_first // rows, block_size=block_size,
+                             q_tile=q_tile // rows, k_tile=k_tile, window=window, body=update,
+                             init=init)
     seen = total > 0
     total = jnp.where(seen, total, 1.0)
     o_ref[...] = (o / total[:, None]).astype(o_ref.dtype)
@@ -140,91 +140,65 @@ def _forward_kernel(idx_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, b
 
 
 def _dq_kernel(idx_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               block_size, tile, window, scale):
-    q_first = pl.program_id(0) * tile
+               block_size, q_tile, k_tile, rows, window, scale):
+    q_first = pl.program_id(0) * q_tile
     q, do = q_ref[...], do_ref[...]
     lse2, delta = lse_ref[...] * LOG2E, delta_ref[...]
-    q_pos = q_first + jnp.arange(tile)
+    q_pos = (q_first + jnp.arange(q_tile)) // rows
 
     def update(slot, k_first, dq):
-        rows = pl.ds(k_first, tile)
+        rows = pl.ds(k_first, k_tile)
         k, v = k_ref[rows, :], v_ref[rows, :]
         s = _dot(q, k, trans_b=True) * (scale * LOG2E)
-        vis = _visible(q_pos, k_first + jnp.arange(tile), mask_ref[slot, :], window)
+        vis = _visible(q_pos, k_first + jnp.arange(k_tile), mask_ref[slot, :], window)
         p = jnp.where(vis, jnp.exp2(s - lse2[:, None]), 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _key_tiles(idx_ref, q_first, block_size=block_size, tile=tile, window=window,
-                    body=update, init=jnp.zeros(q.shape, jnp.float32))
+    dq = _key_tiles(idx_ref, q_first // rows, block_size=block_size, q_tile=q_tile // rows,
+                    k_tile=k_tile, window=window, body=update,
+                    init=jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(offsets_ref, entries_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, block_size, tile, q_tile, num_q_blocks, slots,
-                 window, scale):
+                 delta_ref, dk_ref, dv_ref, *, block_size, query_block, k_tile, q_step, rows,
+                 num_q_blocks, num_k_blocks, slots, window, scale):
     t, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    per_block = block_size // tile
-    k_first = t * tile
-    cell = (b * pl.num_programs(2) + g) * num_q_blocks + lax.div(t, per_block)
+    per_block = block_size // k_tile
+    k_first = t * k_tile
+    cell = (b * pl.num_programs(2) + g) * num_k_blocks + lax.div(t, per_block)
     k, v = k_ref[...], v_ref[...]
-    k_pos = k_first + jnp.arange(tile)
+    k_pos = k_first + jnp.arange(k_tile)
 
     def query_tile(h, slot, q_first, carry):
         dk, dv = carry
-        rows = pl.ds(q_first, q_tile)
-        q, do = q_ref[rows, h, :], do_ref[rows, h, :]
+        span = pl.ds(q_first, q_step)
+        q, do = q_ref[span, h, :], do_ref[span, h, :]
         s = _dot(q, k, trans_b=True) * (scale * LOG2E)
-        vis = _visible(q_first + jnp.arange(q_tile), k_pos, mask_ref[h, slot, rows], window)
-        p = jnp.where(vis, jnp.exp2(s - lse_ref[h, rows][:, None] * LOG2E), 0.0)
+        vis = _visible((q_first + jnp.arange(q_step)) // rows, k_pos, mask_ref[h, slot, span],
+                       window)
+        p = jnp.where(vis, jnp.exp2(s - lse_ref[h, span][:, None] * LOG2E), 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta_ref[h, rows][:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta_ref[h, span][:, None])
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     def entry(e, carry):
-        code = entries_ref[e]  # (head in group, query block, slot)
+        code = entries_ref[e]  # (head in group, query group, slot)
         slot, i = lax.rem(code, slots), lax.rem(lax.div(code, slots), num_q_blocks)
         h = lax.div(code, slots * num_q_blocks)
 
         def sub(r, carry):
-            q_first = i * block_size + r * q_tile
-            return lax.cond(overlaps(k_first, tile, q_first, q_tile, window),
+            q_first = (i * query_block) * rows + r * q_step
+            return lax.cond(overlaps(k_first, k_tile, q_first // rows, q_step // rows, window),
                             lambda x: query_tile(h, slot, q_first, x), lambda x: x, carry)
 
-        return lax.fori_loop(0, block_size // q_tile, sub, carry)
+        return lax.fori_loop(0, query_block * rows // q_step, sub, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(offsets_ref[cell], offsets_ref[cell + 1], entry, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def key_block_lists(block_indices: jax.Array, kv_heads: int, block_size: int,
-                    window: int | None) -> tuple[jax.Array, jax.Array]:
-    """The inverse of the block lists, for the dk / dv kernel.
-
-    block_indices `[batch, heads, n, L]` -> `(offsets [batch * kv_heads * n + 1],
-    entries [batch * heads * n * L])`, int32: the entries that read key block j of kv head g of
-    batch b are `entries[offsets[c]:offsets[c + 1]]` with `c = (b * kv_heads + g) * n + j`, each
-    coded `(head_in_group * n + query_block) * L + slot`, in (head, query block, slot) order (a
-    stable sort). Slots that read nothing (unused, a later block, outside the window) are left
-    out.
-    """
-    batch, heads, n, slots = block_indices.shape
-    group = heads // kv_heads
-    used = (block_indices >= 0) & overlaps(block_indices * block_size, block_size,
-                                           jnp.arange(n)[:, None] * block_size, block_size,
-                                           window)
-    kv = jnp.arange(heads) // group
-    cells = batch * kv_heads * n
-    cell = (jnp.arange(batch)[:, None, None, None] * kv_heads + kv[:, None, None]) * n
-    key = jnp.where(used, cell + block_indices, cells).ravel()
-    code = (((jnp.arange(heads) % group)[:, None, None] * n + jnp.arange(n)[:, None]) * slots
-            + jnp.arange(slots))
-    code = jnp.broadcast_to(code, block_indices.shape).ravel()
-    order = jnp.argsort(key, stable=True)
-    offsets = jnp.searchsorted(key[order], jnp.arange(cells + 1), side="left")
-    return offsets.astype(jnp.int32), code[order].astype(jnp.int32)
 
 
 def _pad_time(x: jax.Array, padded: int, axis: int = 1) -> jax.Array:
@@ -235,7 +209,7 @@ def _pad_time(x: jax.Array, padded: int, axis: int = 1) -> jax.Array:
 
 def _slot_rows(slot_mask: jax.Array, padded: int) -> jax.Array:
     """`[batch, heads, T, L]` bool -> `[batch, heads, L, padded]` int8: a slot's mask for a
-    query block is one contiguous row; padding reads nothing."""
+    query group is one contiguous row; padding reads nothing."""
     return _pad_time(slot_mask, padded, axis=2).swapaxes(2, 3).astype(jnp.int8)
 
 
@@ -243,89 +217,109 @@ def _params(tile: int, d: int) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=num_warps(tile, d), num_stages=NUM_STAGES)
 
 
-def forward(q, k, v, block_indices, slot_mask, *, block_size, tile, window, scale, interpret):
-    """`(out [batch, T, heads, d] in q's dtype, lse [batch, heads, n * B] fp32)`."""
-    batch, seq_len, heads, d = q.shape
-    group = heads // k.shape[2]
+def _padded_lists(block_indices: jax.Array, groups: int) -> jax.Array:
+    """The lists of the query groups in the padded time axis (padding groups list nothing)."""
+    extra = groups - block_indices.shape[2]
+    return jnp.pad(block_indices, [(0, 0), (0, 0), (0, extra), (0, 0)], constant_values=-1)
+
+
+def _query_specs(query_rows: int, q_tile: int, slots: int, d: int):
+    """Block specs of the (query tiles, batch, heads) grid: the tile's group's list (a group is
+    `query_rows` q rows), its slot mask rows, its `[q_tile, d]` rows and its per-row
+    statistics."""
+    per_group = query_rows // q_tile
+    return (pl.BlockSpec((None, None, None, slots), lambda t, b, h: (b, h, t // per_group, 0)),
+            pl.BlockSpec((None, None, slots, q_tile), lambda t, b, h: (b, h, 0, t)),
+            pl.BlockSpec((None, q_tile, None, d), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, None, q_tile), lambda t, b, h: (b, h, t)))
+
+
+def forward(q, k, v, block_indices, slot_mask, *, block_size, query_block, q_tile, k_tile,
+            rows, window, scale, interpret):
+    """`(out [batch, T * rows, heads, d] in q's dtype, lse [batch, heads, n * B * rows] fp32)`.
+    q holds `rows` consecutive rows per token (`pack_group_rows`), k and v one."""
+    batch, q_len, heads, d = q.shape
+    seq_len, group = k.shape[1], heads // k.shape[2]
     slots = block_indices.shape[3]
     padded = num_blocks(seq_len, block_size) * block_size
-    per_block = block_size // tile
-    q, k, v = (_pad_time(x, padded) for x in (q, k, v))
-    q_tile = pl.BlockSpec((None, tile, None, d), lambda t, b, h: (b, t, h, 0))
+    q = _pad_time(q, padded * rows)
+    k, v = (_pad_time(x, padded) for x in (k, v))
+    lists, mask_rows, q_rows, stat_rows = _query_specs(query_block * rows, q_tile, slots, d)
     kv_whole = pl.BlockSpec((None, padded, None, d), lambda t, b, h: (b, 0, h // group, 0))
     out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, block_size=block_size, tile=tile, window=window,
-                          scale=scale),
-        grid=(padded // tile, batch, heads),
-        in_specs=[pl.BlockSpec((None, None, None, slots),
-                               lambda t, b, h: (b, h, t // per_block, 0)),
-                  pl.BlockSpec((None, None, slots, tile), lambda t, b, h: (b, h, 0, t)),
-                  q_tile, kv_whole, kv_whole],
-        out_specs=[q_tile, pl.BlockSpec((None, None, tile), lambda t, b, h: (b, h, t))],
+        functools.partial(_forward_kernel, block_size=block_size, q_tile=q_tile, k_tile=k_tile,
+                          rows=rows, window=window, scale=scale),
+        grid=(padded * rows // q_tile, batch, heads),
+        in_specs=[lists, mask_rows, q_rows, kv_whole, kv_whole],
+        out_specs=[q_rows, stat_rows],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, padded), jnp.float32)],
-        compiler_params=_params(tile, d), interpret=interpret,
+                   jax.ShapeDtypeStruct((batch, heads, padded * rows), jnp.float32)],
+        compiler_params=_params(q_tile, d), interpret=interpret,
         name="block_sparse_attention_fwd",
-    )(block_indices, _slot_rows(slot_mask, padded), q, k, v)
-    return out[:, :seq_len], lse
+    )(_padded_lists(block_indices, padded // query_block), _slot_rows(slot_mask, padded * rows),
+      q, k, v)
+    return out[:, :q_len], lse
 
 
-def backward(q, k, v, block_indices, slot_mask, out, lse, d_out, *, block_size, tile, window,
-             scale, interpret):
-    """`(dq, dk, dv)` in the dtypes of q, k, v, from the forward's `out` and `lse`."""
-    batch, seq_len, heads, d = q.shape
-    kv_heads = k.shape[2]
+def backward(q, k, v, block_indices, slot_mask, out, lse, d_out, *, block_size, query_block,
+             q_tile, k_tile, rows, window, scale, interpret):
+    """`(dq, dk, dv)` in the dtypes of q, k, v, from the forward's `out` and `lse` (q, out,
+    d_out with `rows` rows per token, as `forward`)."""
+    batch, q_len, heads, d = q.shape
+    seq_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     slots = block_indices.shape[3]
     n = num_blocks(seq_len, block_size)
     padded = n * block_size
-    per_block = block_size // tile
+    block_indices = _padded_lists(block_indices, padded // query_block)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    q, k, v, d_out = (_pad_time(x, padded) for x in (q, k, v, d_out))
-    delta = _pad_time(delta, padded, axis=2)
-    rows = _slot_rows(slot_mask, padded)
-    static = dict(block_size=block_size, tile=tile, window=window, scale=scale)
+    q, d_out = (_pad_time(x, padded * rows) for x in (q, d_out))
+    k, v = (_pad_time(x, padded) for x in (k, v))
+    delta = _pad_time(delta, padded * rows, axis=2)
+    mask = _slot_rows(slot_mask, padded * rows)
+    static = dict(block_size=block_size, rows=rows, window=window, scale=scale)
 
-    q_tile = pl.BlockSpec((None, tile, None, d), lambda t, b, h: (b, t, h, 0))
+    lists, mask_rows, q_rows, stat_rows = _query_specs(query_block * rows, q_tile, slots, d)
     kv_whole = pl.BlockSpec((None, padded, None, d), lambda t, b, h: (b, 0, h // group, 0))
-    stat_tile = pl.BlockSpec((None, None, tile), lambda t, b, h: (b, h, t))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **static),
-        grid=(padded // tile, batch, heads),
-        in_specs=[pl.BlockSpec((None, None, None, slots),
-                               lambda t, b, h: (b, h, t // per_block, 0)),
-                  pl.BlockSpec((None, None, slots, tile), lambda t, b, h: (b, h, 0, t)),
-                  q_tile, kv_whole, kv_whole, q_tile, stat_tile, stat_tile],
-        out_specs=q_tile,
+        functools.partial(_dq_kernel, q_tile=q_tile, k_tile=k_tile, **static),
+        grid=(padded * rows // q_tile, batch, heads),
+        in_specs=[lists, mask_rows, q_rows, kv_whole, kv_whole, q_rows, stat_rows, stat_rows],
+        out_specs=q_rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(tile, d), interpret=interpret, name="block_sparse_attention_dq",
-    )(block_indices, rows, q, k, v, d_out, lse, delta)
+        compiler_params=_params(q_tile, d), interpret=interpret,
+        name="block_sparse_attention_dq",
+    )(block_indices, mask, q, k, v, d_out, lse, delta)
 
-    offsets, entries = key_block_lists(block_indices, kv_heads, block_size, window)
+    offsets, entries = key_block_lists(block_indices, kv_heads, block_size, window, query_block,
+                                       n)
     whole = lambda x: pl.BlockSpec(x.shape, lambda t, b, g: (0,) * x.ndim)
-    k_tile = pl.BlockSpec((None, tile, None, d), lambda t, b, g: (b, t, g, 0))
-    group_rows = pl.BlockSpec((None, padded, group, d), lambda t, b, g: (b, 0, g, 0))
-    group_stats = pl.BlockSpec((None, group, padded), lambda t, b, g: (b, g, 0))
+    k_rows = pl.BlockSpec((None, k_tile, None, d), lambda t, b, g: (b, t, g, 0))
+    group_rows = pl.BlockSpec((None, padded * rows, group, d), lambda t, b, g: (b, 0, g, 0))
+    group_stats = pl.BlockSpec((None, group, padded * rows), lambda t, b, g: (b, g, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, num_q_blocks=n, slots=slots,
-                          q_tile=dkdv_query_tile(tile, d), **static),
-        grid=(padded // tile, batch, kv_heads),
+        functools.partial(_dkdv_kernel, query_block=query_block, k_tile=k_tile,
+                          q_step=min(dkdv_query_tile(k_tile, d), query_block * rows),
+                          num_q_blocks=padded // query_block, num_k_blocks=n, slots=slots,
+                          **static),
+        grid=(padded // k_tile, batch, kv_heads),
         in_specs=[whole(offsets), whole(entries),
-                  pl.BlockSpec((None, group, slots, padded), lambda t, b, g: (b, g, 0, 0)),
-                  group_rows, k_tile, k_tile, group_rows, group_stats, group_stats],
-        out_specs=[k_tile, k_tile],
+                  pl.BlockSpec((None, group, slots, padded * rows),
+                               lambda t, b, g: (b, g, 0, 0)),
+                  group_rows, k_rows, k_rows, group_rows, group_stats, group_stats],
+        out_specs=[k_rows, k_rows],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(tile, d), interpret=interpret,
+        compiler_params=_params(k_tile, d), interpret=interpret,
         name="block_sparse_attention_dkdv",
-    )(offsets, entries, rows, q, k, v, d_out, lse, delta)
-    return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len]
+    )(offsets, entries, mask, q, k, v, d_out, lse, delta)
+    return dq[:, :q_len], dk[:, :seq_len], dv[:, :seq_len]
 
 
 @functools.cache
-def _differentiable(block_size: int, tile: int, window: int | None, scale: float,
-                    interpret: bool):
-    static = dict(block_size=block_size, tile=tile, window=window, scale=scale,
-                  interpret=interpret)
+def _differentiable(block_size: int, query_block: int, q_tile: int, k_tile: int, rows: int,
+                    window: int | None, scale: float, interpret: bool):
+    static = dict(block_size=block_size, query_block=query_block, q_tile=q_tile, k_tile=k_tile,
+                  rows=rows, window=window, scale=scale, interpret=interpret)
 
     @jax.custom_vjp
     def op(q, k, v, block_indices, slot_mask):
@@ -342,20 +336,51 @@ def _differentiable(block_size: int, tile: int, window: int | None, scale: float
     return op
 
 
+def packed_rows(heads: int, kv_heads: int, q_tile: int, k_tile: int, d: int) -> int:
+    """q rows per token when the q heads of a GQA group share their lists: the group, when it
+    is a power of two that whole query tiles and dk / dv query steps hold; else 1."""
+    group = heads // kv_heads
+    fits = group <= min(q_tile, dkdv_query_tile(k_tile, d))
+    return group if group > 1 and is_pow2(group, 1) and fits else 1
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
               slot_mask: jax.Array, *, block_size: int, window: int | None, scale: float,
-              interpret: bool = False, tile: int | None = None) -> jax.Array:
+              interpret: bool = False, tile: int | None = None,
+              query_block: int | None = None, shared_group_lists: bool = False) -> jax.Array:
     """Block-sparse attention by the Triton kernels, differentiable w.r.t. q, k, v.
 
     q `[batch, T, heads, d]`, k, v `[batch, T, kv_heads, d]` (one dtype), block_indices
-    `[batch, heads, ceil(T / B), L]` int32 (-1 unused), slot_mask `[batch, heads, T, L]` bool
-    -> `[batch, T, heads, d]` in q's dtype. Needs `supported(block_size, d)`. `tile`: rows of
-    the query and key tiles, a power of two >= 16 dividing `block_size` (default
-    `default_tile`).
+    `[batch, heads, ceil(T / query_block), L]` int32 (-1 unused; query_block None =
+    block_size), slot_mask `[batch, heads, T, L]` bool -> `[batch, T, heads, d]` in q's dtype.
+    Needs `supported(block_size, d, query_block)`. `tile`: most rows of a query or key tile, a
+    power of two >= 16 (default `TILE`); a key tile is `min(tile, block_size)` rows.
+
+    `shared_group_lists`: the q heads of each GQA group list the same blocks (NSA's selection,
+    Eq. 10; the slot masks may differ); only the group's first head's lists are read. The
+    kernels then take the group's heads as rows of one query tile (`packed_rows`; NSA Sec. 3.4's
+    group-centric loading): a program loads each listed key block once for the whole group, and
+    16 queries x 4 heads fill a 64-row tile. Otherwise a query tile is `min(tile, query_block)`
+    rows of one head.
     """
-    tile = default_tile(block_size) if tile is None else tile
-    if not (is_pow2(tile, 16) and block_size % tile == 0):
-        raise ValueError(f"tile={tile} must be a power of two >= 16 dividing block_size="
-                         f"{block_size}.")
-    return _differentiable(block_size, tile, window, float(scale), interpret)(
-        q, k, v, block_indices, slot_mask)
+    query_block = query_block or block_size
+    tile = TILE if tile is None else tile
+    if not (is_pow2(tile, 16) and is_pow2(query_block, 16) and block_size % query_block == 0):
+        raise ValueError(f"tile={tile} and query_block={query_block} must be powers of two >= 16 "
+                         f"and query_block must divide block_size={block_size}.")
+    heads, kv_heads, d = q.shape[2], k.shape[2], q.shape[3]
+    k_tile = min(tile, block_size)
+    rows = 1
+    if shared_group_lists:
+        rows = packed_rows(heads, kv_heads, min(tile, query_block * (heads // kv_heads)), k_tile,
+                           d)
+    q_tile = min(tile, query_block * rows)
+    op = _differentiable(block_size, query_block, q_tile, k_tile, rows, window, float(scale),
+                         interpret)
+    if rows == 1:
+        return op(q, k, v, block_indices, slot_mask)
+    batch, _, seq_len, slots = slot_mask.shape
+    mask = slot_mask.reshape(batch, kv_heads, rows, seq_len, slots).swapaxes(2, 3)
+    mask = mask.reshape(batch, kv_heads, seq_len * rows, slots)
+    out = op(pack_group_rows(q, rows), k, v, block_indices[:, ::rows], mask)
+    return unpack_group_rows(out, rows)

@@ -7,9 +7,13 @@ from abstract inputs and compiled by the real TPU compiler. Reported per chip:
 
 - XLA's memory analysis of the train step: arguments, temp, outputs, aliased (donated state) and
   peak = arguments + temp + outputs - aliased (MaxText's `train_compile` figure), against the
-  chip's HBM; the init program's peak is checked against the HBM too. The compiler's own heap
-  simulation (`peak_memory_in_bytes`, `xla_peak_bytes`) is reported beside it: it is lower,
-  as it knows which temporaries are live together;
+  chip's HBM. The compiler's own heap simulation (`peak_memory_in_bytes`, `xla_peak_bytes`)
+  is reported beside it: it is lower, as it knows which temporaries are live together, and on a
+  scanned model the sum also counts the scan's stacked layer inputs twice (benchmarks/RESULTS.md,
+  TPU section). Whether the step (and the init program) fits is judged by the heap simulation
+  where this jax reports it, since libtpu's own compile-time HBM check uses it: a program whose
+  sum exceeds the HBM by a third compiles, and the compiler refuses one whose heap simulation
+  exceeds it by 0.1%. Elsewhere (jax 0.10) by the sum;
 - FLOPs and the compiler's step estimate (`cost_analysis()["optimal_seconds"]`). XLA's cost
   analysis counts a while loop's body once, so a scanned model (`model.scan_layers`) or a
   micro-batch loop (`run.grad_accum` > 1) is undercounted by its trip count. Both figures are
@@ -150,8 +154,9 @@ class CompileReport:
     device_kind: str
     mesh: dict[str, int]
     hbm_bytes_per_chip: int
-    step: dict[str, int]  # argument/temp/output/alias/peak bytes per chip
+    step: dict[str, int]  # argument/temp/output/alias/peak/xla_peak bytes per chip
     init_peak_bytes: int
+    init_xla_peak_bytes: int  # -1 where this jax does not report the heap simulation
     flops_per_chip: float
     estimated_step_s: float
     loops_counted_once: int
@@ -164,19 +169,35 @@ class CompileReport:
         return max(self.step["peak_bytes"], self.init_peak_bytes)
 
     @property
+    def fits_by(self) -> str:
+        """What `fits` compares with the HBM: "heap_simulation" (libtpu's own check) or, where
+        this jax reports no heap simulation, "sum" (arguments + temp + outputs - aliased)."""
+        reported = self.step["xla_peak_bytes"] > 0 and self.init_xla_peak_bytes > 0
+        return "heap_simulation" if reported else "sum"
+
+    @property
+    def required_bytes_per_chip(self) -> int:
+        """The HBM the step and the init program need per chip, by `fits_by`."""
+        if self.fits_by == "heap_simulation":
+            return max(self.step["xla_peak_bytes"], self.init_xla_peak_bytes)
+        return self.peak_bytes_per_chip
+
+    @property
     def fits(self) -> bool:
-        return self.peak_bytes_per_chip <= self.hbm_bytes_per_chip
+        return self.required_bytes_per_chip <= self.hbm_bytes_per_chip
 
     def to_json(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe, "topology": self.topology, "chips": self.chips,
             "device_kind": self.device_kind, "mesh": self.mesh, "fits": self.fits,
+            "fits_by": self.fits_by, "required_bytes_per_chip": self.required_bytes_per_chip,
             "hbm_bytes_per_chip": self.hbm_bytes_per_chip,
             "peak_bytes_per_chip": self.peak_bytes_per_chip,
             "argument_bytes": self.step["argument_bytes"], "temp_bytes": self.step["temp_bytes"],
             "output_bytes": self.step["output_bytes"], "alias_bytes": self.step["alias_bytes"],
             "step_peak_bytes": self.step["peak_bytes"], "init_peak_bytes": self.init_peak_bytes,
             "xla_peak_bytes": self.step["xla_peak_bytes"],
+            "init_xla_peak_bytes": self.init_xla_peak_bytes,
             "flops_per_chip": self.flops_per_chip, "estimated_step_s": self.estimated_step_s,
             "estimate_excludes": "custom calls (Pallas kernels)",
             "loops_counted_once": self.loops_counted_once,
@@ -226,7 +247,7 @@ def compile_recipe(recipe_arg: str, overrides: Sequence[str], topology: str, *,
 
     start = time.perf_counter()
     with _out_of_memory_is_a_misfit(recipe.name, topology):
-        init_peak = _memory(_compile_init(program))["peak_bytes"]
+        init_memory = _memory(_compile_init(program))
         step = _compile_step(program)
     compile_s = time.perf_counter() - start
     memory = _memory(step)
@@ -255,11 +276,15 @@ def compile_recipe(recipe_arg: str, overrides: Sequence[str], topology: str, *,
         recipe=recipe.name, topology=topology, chips=len(devices),
         device_kind=devices[0].device_kind,
         mesh={k: int(v) for k, v in program.mesh.shape.items()}, hbm_bytes_per_chip=hbm,
-        step=memory, init_peak_bytes=init_peak, flops_per_chip=cost["flops"],
+        step=memory, init_peak_bytes=init_memory["peak_bytes"],
+        init_xla_peak_bytes=init_memory["xla_peak_bytes"], flops_per_chip=cost["flops"],
         estimated_step_s=cost["seconds"], loops_counted_once=count_while_loops(twin),
         compile_s=compile_s, estimate_compile_s=estimate_s,
         step_cost_as_compiled=as_compiled)
 
+
+_FITS_BY = {"heap_simulation": "the compiler's heap simulation, as libtpu's own HBM check",
+            "sum": "arguments + temp + outputs - aliased"}
 
 _MISFIT_FIX = ("shard more (strategy.zero_stage=3, a larger fsdp axis), recompute more "
                "(strategy.remat=full), or use more chips or a smaller data.global_batch / larger "
@@ -285,7 +310,8 @@ def require_fit(report: CompileReport) -> None:
     if not report.fits:
         raise CompileError(
             f"{report.recipe} does not fit {report.topology}: it needs "
-            f"{report.peak_bytes_per_chip / GIB:.2f} GiB per chip, the {report.device_kind} has "
+            f"{report.required_bytes_per_chip / GIB:.2f} GiB per chip "
+            f"({_FITS_BY[report.fits_by]}), the {report.device_kind} has "
             f"{report.hbm_bytes_per_chip / GIB:.0f} GiB; {_MISFIT_FIX}")
 
 
@@ -299,11 +325,12 @@ def print_report(report: CompileReport) -> None:
           f"mesh {report.mesh}")
     print(f"  per chip: arguments {gib(s['argument_bytes'])}, temp {gib(s['temp_bytes'])}, "
           f"outputs {gib(s['output_bytes'])}, aliased {gib(s['alias_bytes'])}")
-    print(f"  peak {gib(report.peak_bytes_per_chip)} (step {gib(s['peak_bytes'])}, init "
-          f"{gib(report.init_peak_bytes)}) of {gib(report.hbm_bytes_per_chip)} HBM: "
-          + ("fits" if report.fits else "DOES NOT FIT")
+    print(f"  peak {gib(report.peak_bytes_per_chip)} (arguments + temp + outputs - aliased; "
+          f"step {gib(s['peak_bytes'])}, init {gib(report.init_peak_bytes)})"
           + (f"; the compiler's heap simulation peaks at {gib(s['xla_peak_bytes'])}"
              if s["xla_peak_bytes"] > 0 else ""))
+    print(f"  needs {gib(report.required_bytes_per_chip)} ({_FITS_BY[report.fits_by]}) of "
+          f"{gib(report.hbm_bytes_per_chip)} HBM: " + ("fits" if report.fits else "DOES NOT FIT"))
     loops = (f"; {report.loops_counted_once} loop(s) counted once"
              if report.loops_counted_once else "")
     print(f"  {report.flops_per_chip / 1e12:.1f} TFLOP per chip; compiler's step estimate "

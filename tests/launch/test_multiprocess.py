@@ -126,21 +126,11 @@ def test_four_processes_equal_one_stop_together_on_sigterm_and_resume_bitwise(
     # 1e-7). A data-sharding error (two processes feeding the same rows) changes step 1's loss
     # by ~1e-2.
     reference = tmp_path / "reference"
-    train(small_recipe(*SCHEDULE, f"run.steps={saved + 2}"), reference)
+    train(small_recipe(*SCHEDULE, f"run.steps={saved}"), reference)
     ref = read_metrics(reference)
     for step in range(1, saved + 1):
         np.testing.assert_allclose(resumed[step]["loss"], ref[step]["loss"], rtol=1e-5)
-
-    # A restart on another process count (one process: the data position is a global batch
-    # index, valid for any count) continues with the same rows: a shifted or repeated batch
-    # would move the loss by far more than the tolerance.
-    result = train(small_recipe(*SCHEDULE, f"run.steps={saved + 2}"), run)
-    assert result.status == "completed"
-    resumed = read_metrics(run)
-    for step in (saved + 1, saved + 2):
-        np.testing.assert_allclose(resumed[step]["loss"], ref[step]["loss"], rtol=1e-5)
-    kinds = [e["kind"] for e in read_events(run)][2:]
-    assert kinds == ["resume", "end", "resume", "end"], kinds
+    assert [e["kind"] for e in read_events(run)][2:] == ["resume", "end"]
 
 
 def test_sigkill_of_one_process_stops_the_others_within_a_minute(tmp_path, launch):

@@ -23,8 +23,10 @@ from abstract inputs and compiled by the real TPU compiler. Reported per chip:
   its own (windowed einsum, "collective matmul": `windowed_dot_general_body` loops, e.g. on
   v5p:2x2x2), the twin is compiled with those off (`TWIN_COMPILER_OPTIONS`), so its FLOPs are
   all counted; its estimate then does not overlap that communication with the matmuls (an
-  upper bound there). Loops the twin still has (Gated DeltaNet's chunk scan) are counted once
-  and reported in `loops_counted_once`; custom calls (Pallas kernels) are not in XLA's
+  upper bound there). The ops' own XLA loops (Gated DeltaNet's scan over chunks, the
+  block-sparse gathered path's steps) are traced unrolled in the twin
+  (`dispatch.unrolled_loops`). Loops the twin still has are counted once and reported in
+  `loops_counted_once`; custom calls (Pallas kernels) are not in XLA's
   estimate at all. The real step's own (undercounted) figures are reported beside them.
 """
 
@@ -42,6 +44,7 @@ import jax
 
 from mnemax.errors import MnemaxError
 from mnemax.launch.plan_cost import TPU_HARDWARE, Hardware
+from mnemax.layers.kernels import dispatch
 from mnemax.trainer.memory_report import lower_train_step, memory_stats, step_peak_bytes
 
 GIB = 2**30
@@ -263,10 +266,12 @@ def compile_recipe(recipe_arg: str, overrides: Sequence[str], topology: str, *,
     needs_twin = bool(twin_overrides) or count_while_loops(step) > 0
     if needs_twin:
         log(f"costing the loop-free twin ({', '.join(twin_overrides) or 'the same recipe'}, "
-            "no collective-matmul loops)")
+            "the ops' own loops unrolled, no collective-matmul loops)")
+        # A program of its own, traced anew: jit would reuse the step's trace, loops included.
         twin_program = build_program(load_recipe(recipe_arg, [*overrides, *twin_overrides]),
-                                     devices) if twin_overrides else program
-        twin = _compile_step(twin_program, TWIN_COMPILER_OPTIONS)
+                                     devices)
+        with dispatch.unrolled_loops():
+            twin = _compile_step(twin_program, TWIN_COMPILER_OPTIONS)
     else:
         twin = step
     cost, as_compiled = _cost(twin), _cost(step)

@@ -63,3 +63,47 @@ def test_bad_arguments_are_named():
         dispatch.select("auto", **BACKENDS, auto_platforms=(), interpret_backend="cpu")
     with pytest.raises(ValueError, match=r"auto_platforms \['gpu'\]"):
         _select("auto", ("gpu",))
+
+
+def _loop_count(fn, *args) -> int:
+    """While loops in the StableHLO `fn(*args)` lowers to (a fully unrolled scan stays a scan
+    equation in the jaxpr but lowers to straight-line code)."""
+    return jax.jit(fn).lower(*args).as_text().count("stablehlo.while")
+
+
+def test_unrolled_loops_leave_no_loop_in_the_ops_and_the_same_values():
+    from mnemax.layers.kernels.block_sparse_attention import blocks
+    from mnemax.layers.kernels.gated_delta import gated_delta_rule
+
+    key = jax.random.split(jax.random.key(0), 8)
+    b, t, h, d = 1, 64, 1, 16  # 2 chunks of 32; 4 query blocks of 16 in 2 steps
+    q, k, v = (jax.random.normal(key[i], (b, t, h, d)) for i in range(3))
+    q, k = q / jnp.linalg.norm(q, axis=-1, keepdims=True), k / jnp.linalg.norm(k, axis=-1,
+                                                                                keepdims=True)
+    g = -jax.nn.softplus(jax.random.normal(key[3], (b, t, h)))
+    beta = jax.nn.sigmoid(jax.random.normal(key[4], (b, t, h)))
+    idx = jnp.broadcast_to(jnp.arange(4)[:, None] - jnp.arange(2), (b, h, 4, 2))
+    idx = jnp.where(idx >= 0, idx, -1).astype(jnp.int32)
+    mask = jnp.ones((b, h, t, 2), bool)
+
+    def gdn(q, k, v):
+        return jnp.sum(gated_delta_rule(q, k, v, g, beta, chunk_size=32, impl="reference")[0]
+                       ** 2)
+
+    def sparse(q, k, v):
+        return jnp.sum(blocks.attention(q, k, v, idx, mask, block_size=16, window=None,
+                                        scale=d ** -0.5, query_blocks_per_step=2) ** 2)
+
+    for fn in (gdn, sparse):
+        # A new function object per trace: jit caches a function's trace, loops and all.
+        grad = lambda: jax.value_and_grad(lambda *a: fn(*a), argnums=(0, 1, 2))  # noqa: B023
+        assert _loop_count(grad(), q, k, v) >= 2  # forward and backward loops
+        looped = jax.jit(grad())(q, k, v)
+        with dispatch.unrolled_loops():
+            assert _loop_count(grad(), q, k, v) == 0
+            unrolled = jax.jit(grad())(q, k, v)
+        assert _loop_count(grad(), q, k, v) >= 2  # the setting ends with the context
+        # The same operations in the same order per iteration; only XLA's fusion across
+        # iterations may differ, which moves fp32 results by a few ulps.
+        for a, c in zip(jax.tree.leaves(looped), jax.tree.leaves(unrolled), strict=True):
+            np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,9 @@ through `select`:
 - `"pallas_interpret"`: the kernel in interpret mode on any platform; `interpret_backend`
   ("gpu" or "tpu") says which of the two kernels to interpret.
 
+`unrolled_loops()` makes the ops' own XLA loops (`loop_unroll`) trace fully unrolled, for
+costing compiles: XLA's cost analysis counts a while loop's body once.
+
 Custom-call names that a kernel leaves in exported StableHLO (needed for
 `jax.export.DisabledSafetyCheck.custom_call` when exporting): `GPU_TRITON_CUSTOM_CALL`
 and `TPU_CUSTOM_CALL`.
@@ -26,6 +29,7 @@ and `TPU_CUSTOM_CALL`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable, Collection, Iterator
 from typing import Literal, get_args
@@ -37,6 +41,27 @@ IMPLS = get_args(Impl)
 INTERPRET_BACKENDS = ("gpu", "tpu")
 GPU_TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 TPU_CUSTOM_CALL = "tpu_custom_call"
+
+_UNROLL_LOOPS = contextvars.ContextVar("mnemax_unroll_loops", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_loops() -> Iterator[None]:
+    """Functions traced inside it get the ops' XLA loops (Gated DeltaNet's scan over chunks, the
+    block-sparse gathered path's steps) fully unrolled: the same work with no while loop, so
+    XLA's cost analysis, which counts a loop body once, counts every iteration. For costing
+    compiles (`mnemax compile`'s loop-free twin); the program is larger and compiles slower, and
+    a jitted function traced before keeps its loops (jit caches traces, not this setting)."""
+    token = _UNROLL_LOOPS.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_LOOPS.reset(token)
+
+
+def loop_unroll() -> bool | int:
+    """`unroll` for an op's `lax.scan`: True (no loop) inside `unrolled_loops()`, else 1."""
+    return True if _UNROLL_LOOPS.get() else 1
 
 
 @dataclasses.dataclass(frozen=True)

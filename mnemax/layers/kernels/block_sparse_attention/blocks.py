@@ -9,7 +9,7 @@ last group and block are padded and their padding masked). Scores and softmax ar
 that sees no key gets zeros.
 
 Memory and FLOPs grow with `T * L * B` (never `T^2`). The query groups are processed
-`query_blocks_per_step` at a time (`lax.map`) under `jax.checkpoint`, so the backward pass
+`query_blocks_per_step` at a time (a `lax.scan`) under `jax.checkpoint`, so the backward pass
 recomputes a step's scores instead of keeping all of them: the live scores are those of one
 step. Gradients are autodiff's (the gather's transpose is a scatter-add into k and v).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mnemax.layers.kernels import dispatch
 from mnemax.layers.kernels.block_sparse_attention.masked_reference import num_blocks
 
 # Score elements one step may hold ([batch, heads, steps' query groups, Q, L * B], fp32): 32 M
@@ -106,11 +107,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array
     if steps == 1:
         out = one_step((qb, idx, mask, 0))
     else:
-        # [steps, batch, heads, step, ...]: lax.map walks the steps; checkpoint keeps the
+        # [steps, batch, heads, step, ...]: a scan walks the steps; checkpoint keeps the
         # backward pass from storing every step's scores.
         split = lambda x: jnp.moveaxis(x.reshape((*x.shape[:2], steps, step, *x.shape[3:])), 2, 0)
-        outs = jax.lax.map(jax.checkpoint(one_step),
-                           (split(qb), split(idx), split(mask), jnp.arange(steps) * step))
+        body = jax.checkpoint(one_step)
+        _, outs = jax.lax.scan(lambda carry, xs: (carry, body(xs)), None,
+                               (split(qb), split(idx), split(mask), jnp.arange(steps) * step),
+                               unroll=dispatch.loop_unroll())
         out = jnp.moveaxis(outs, 0, 2).reshape(batch, heads, n_pad, qs, d)
     out = out.transpose(0, 2, 3, 1, 4).reshape(batch, n_pad * qs, heads, d)
     return out[:, :seq_len]

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mnemax.layers.kernels import dispatch
@@ -56,8 +57,11 @@ def _unit_lower_inverse(a):
         n = size // (2 * s)
         x11, x22 = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
         # The lower-left s x s block of each diagonal 2s x 2s block of a: [..., n, s, s].
-        a21 = a.reshape(*batch, n, 2, s, n, 2, s)[..., :, 1, :, :, 0, :]
-        a21 = jnp.moveaxis(jnp.diagonal(a21, axis1=-4, axis2=-2), -1, -3)
+        # Selected and summed, not `jnp.diagonal`: the TPU compiler turns that gather into a
+        # while loop. One term of each sum is nonzero, so the result is exact.
+        a21 = a.reshape(*batch, n, 2, s, n, 2, s)[..., :, 1, :, :, 0, :]  # [..., n, s, n, s]
+        on_diagonal = np.eye(n, dtype=bool)[:, None, :, None]
+        a21 = jnp.sum(jnp.where(on_diagonal, a21, 0.0), axis=-2)
         top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
         bottom = jnp.concatenate([-(x22 @ a21 @ x11), x22], axis=-1)
         blocks = jnp.concatenate([top, bottom], axis=-2)
@@ -103,7 +107,7 @@ def _inter_scan(xs, state):
     The body is rematerialised: the backward keeps the inputs and one state per chunk and
     recomputes the rest, instead of storing it for every chunk.
     """
-    state, o = lax.scan(jax.checkpoint(_chunk_inter), state, xs)
+    state, o = lax.scan(jax.checkpoint(_chunk_inter), state, xs, unroll=dispatch.loop_unroll())
     return o, state
 
 

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from mnemax.layers.kernels import dispatch
@@ -60,7 +59,10 @@ def _unit_lower_inverse(a):
         # Selected and summed, not `jnp.diagonal`: the TPU compiler turns that gather into a
         # while loop. One term of each sum is nonzero, so the result is exact.
         a21 = a.reshape(*batch, n, 2, s, n, 2, s)[..., :, 1, :, :, 0, :]  # [..., n, s, n, s]
-        on_diagonal = np.eye(n, dtype=bool)[:, None, :, None]
+        # Built from iotas, not an array constant: a constant would become an extra input of
+        # the shard_map the op runs in.
+        on_diagonal = (lax.broadcasted_iota(jnp.int32, (n, 1, n, 1), 0)
+                       == lax.broadcasted_iota(jnp.int32, (n, 1, n, 1), 2))
         a21 = jnp.sum(jnp.where(on_diagonal, a21, 0.0), axis=-2)
         top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
         bottom = jnp.concatenate([-(x22 @ a21 @ x11), x22], axis=-1)
